@@ -1,0 +1,1 @@
+"""DICOM encoding helpers that know nothing of networks, stores or databases."""

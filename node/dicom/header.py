@@ -1,0 +1,194 @@
+"""Read the few header elements the index needs from an encoded dataset, without decoding the rest.
+
+Parsing stops before group 0x0028 (image pixel description), so pixel data is never touched; the
+dataset bytes themselves are kept exactly as received elsewhere.  Text is decoded through
+Specific Character Set (PS3.5 6.1), so the index holds Unicode.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node.errors import InvalidDataset, UnreadableDataset
+
+# Every element the index reads.  All lie below group 0x0028, so parsing stops there.
+_TAGS: dict[str, int] = {
+    "SpecificCharacterSet": 0x00080005,
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyDate": 0x00080020,
+    "SeriesDate": 0x00080021,
+    "StudyTime": 0x00080030,
+    "SeriesTime": 0x00080031,
+    "AccessionNumber": 0x00080050,
+    "Modality": 0x00080060,
+    "ReferringPhysicianName": 0x00080090,
+    "StudyDescription": 0x00081030,
+    "SeriesDescription": 0x0008103E,
+    "PatientName": 0x00100010,
+    "PatientID": 0x00100020,
+    "IssuerOfPatientID": 0x00100021,
+    "PatientBirthDate": 0x00100030,
+    "PatientSex": 0x00100040,
+    "BodyPartExamined": 0x00180015,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "StudyID": 0x00200010,
+    "SeriesNumber": 0x00200011,
+    "InstanceNumber": 0x00200013,
+}
+_SPECIFIC_TAGS: list[BaseTag | int] = list(_TAGS.values())
+_LAST_TAG = max(_TAGS.values())
+
+# PS3.5 9.1: digits and dots, components without gaps, at most 64 characters.  Leading zeros
+# in a component are tolerated because real modalities send them and they are harmless here.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_UID = 64
+# Bound on inflating a deflated dataset (PS3.5 A.5), so a deflate bomb cannot exhaust memory.
+MAX_INFLATED_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the four-level index records of one instance, as Unicode text or numbers."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician_name: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_date: str = ""
+    series_time: str = ""
+    series_description: str = ""
+    body_part_examined: str = ""
+    instance_number: int | None = None
+    specific_character_set: str = ""
+
+
+def is_valid_uid(value: str) -> bool:
+    """True when ``value`` is a syntactically usable UID (PS3.5 9.1)."""
+    return 0 < len(value) <= _MAX_UID and bool(_UID.match(value))
+
+
+def _stop_after_last(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag > _LAST_TAG)
+
+
+def _raw_elements(
+    data: bytes, transfer_syntax: UID
+) -> dict[BaseTag, RawDataElement | DataElement]:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(data, MAX_INFLATED_BYTES)
+        except zlib.error as exc:
+            raise UnreadableDataset(f"deflated dataset does not inflate: {exc}") from exc
+        if inflater.unconsumed_tail:
+            raise UnreadableDataset("deflated dataset inflates beyond the size limit")
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    generator = data_element_generator(
+        BytesIO(data),
+        transfer_syntax.is_implicit_VR,
+        transfer_syntax.is_little_endian,
+        stop_when=_stop_after_last,
+        specific_tags=_SPECIFIC_TAGS,
+    )
+    try:
+        for element in generator:
+            elements[element.tag] = element
+    except (EOFError, ValueError, KeyError, NotImplementedError, OverflowError) as exc:
+        raise UnreadableDataset(f"dataset cannot be decoded: {exc}") from exc
+    return elements
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """The element's value as one string ('' when absent or empty); multi-values joined by '\\'."""
+    try:
+        element = ds[_TAGS[keyword]]
+    except KeyError:
+        return ""
+    except (ValueError, TypeError, LookupError) as exc:
+        raise InvalidDataset(f"{keyword} cannot be decoded: {exc}") from exc
+    value: Any = element.value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _number(ds: Dataset, keyword: str) -> int | None:
+    """An IS value as int; None when absent or not a valid integer (never a reason to reject)."""
+    try:
+        text = _text(ds, keyword)
+        return int(text.split("\\")[0]) if text else None
+    except (ValueError, InvalidDataset):
+        return None
+
+
+def _uid(ds: Dataset, keyword: str, missing: type[Exception]) -> str:
+    value = _text(ds, keyword).rstrip("\0 ")
+    if not value:
+        raise missing(f"dataset has no {keyword}")
+    if not is_valid_uid(value):
+        raise InvalidDataset(f"{keyword} is not a valid UID")
+    return value
+
+
+def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
+    """Parse the index attributes from ``data``, a dataset encoded in ``transfer_syntax``.
+
+    Raises UnreadableDataset when the bytes do not decode or the SOP UIDs are missing, and
+    InvalidDataset when a required UID is missing or malformed.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax:
+        raise UnreadableDataset(f"unknown transfer syntax {transfer_syntax}")
+    ds = Dataset(_raw_elements(data, ts))
+    return InstanceHeader(
+        sop_class_uid=_uid(ds, "SOPClassUID", UnreadableDataset),
+        sop_instance_uid=_uid(ds, "SOPInstanceUID", UnreadableDataset),
+        study_instance_uid=_uid(ds, "StudyInstanceUID", InvalidDataset),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID", InvalidDataset),
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician_name=_text(ds, "ReferringPhysicianName"),
+        modality=_text(ds, "Modality"),
+        series_number=_number(ds, "SeriesNumber"),
+        series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        instance_number=_number(ds, "InstanceNumber"),
+        specific_character_set=_text(ds, "SpecificCharacterSet"),
+    )

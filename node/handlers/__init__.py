@@ -1,0 +1,1 @@
+"""DIMSE service handlers: read the event, call one domain function, answer with a status."""

@@ -1,0 +1,11 @@
+"""C-ECHO SCP (PS3.4 A.4): the peer checks that the node is there."""
+
+from __future__ import annotations
+
+from pynetdicom.events import Event
+
+from node.handlers.status import SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    return SUCCESS

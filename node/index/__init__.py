@@ -1,0 +1,1 @@
+"""The four-level index: tables, database connection, and the writer C-STORE uses."""

@@ -1,0 +1,72 @@
+"""Open the index database named by the config, bind the tables to it, create or check the schema.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` so a committed row survives power loss (a
+C-STORE Success promises that); writers take the lock up front (``BEGIN IMMEDIATE``) so two
+associations never deadlock upgrading a read lock.  PostgreSQL goes through a connection pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import unquote, urlsplit
+
+from peewee import Database, SqliteDatabase
+
+from node.config import DatabaseURL
+from node.index.models import SCHEMA_VERSION, TABLES, SchemaInfo
+
+log = logging.getLogger(__name__)
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+    "cache_size": -32_000,  # KiB of page cache per connection
+}
+
+
+class SchemaMismatch(Exception):
+    """The database holds a schema this version of the node cannot use."""
+
+
+def connect(url: DatabaseURL, max_connections: int = 16, timeout: float = 10.0) -> Database:
+    """A peewee Database for ``url`` (not yet connected), with the index tables bound to it."""
+    db: Database
+    if url.scheme == "sqlite":
+        assert url.path is not None
+        url.path.parent.mkdir(parents=True, exist_ok=True)
+        pragmas = {**SQLITE_PRAGMAS, "busy_timeout": int(timeout * 1000)}
+        db = SqliteDatabase(
+            str(url.path), pragmas=pragmas, timeout=timeout, lock_type="IMMEDIATE"
+        )
+    else:
+        from playhouse.pool import PooledPostgresqlDatabase
+
+        parts = urlsplit(url.url)
+        db = PooledPostgresqlDatabase(
+            parts.path.lstrip("/"),
+            host=parts.hostname or None,
+            port=parts.port or None,
+            user=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            max_connections=max_connections + 2,  # one per association, plus maintenance
+            stale_timeout=300,
+            timeout=timeout,  # seconds to wait for a free pooled connection
+            connect_timeout=max(1, int(timeout)),
+        )
+    db.bind(TABLES)
+    return db
+
+
+def ensure_schema(db: Database) -> None:
+    """Create the tables on a new database; refuse one whose schema version is not ours."""
+    with db.atomic():
+        db.create_tables(TABLES, safe=True)
+        row = SchemaInfo.select().first()
+        if row is None:
+            SchemaInfo.create(version=SCHEMA_VERSION)
+        elif row.version != SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"index schema version {row.version} is not supported by this node "
+                f"(expects {SCHEMA_VERSION})"
+            )

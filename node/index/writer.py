@@ -1,0 +1,241 @@
+"""Record received instances in the four-level index: one transaction per instance, idempotent.
+
+The upper levels (patient, study, series) are created on first sight and keep the attributes
+of the first instance that named them.  A write that fails for a transient reason (database
+locked, connection lost) is retried a bounded number of times, then reported as
+IndexUnavailable — never as success.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar, cast
+
+from peewee import Database, IntegrityError, InterfaceError, OperationalError
+
+from node.dicom.header import InstanceHeader
+from node.errors import IndexUnavailable, InvalidDataset
+from node.index.models import Instance, Patient, Series, Study
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRY_BASE_DELAY = 0.05  # seconds; doubled on each retry
+
+
+@dataclass(frozen=True)
+class Source:
+    """Who sent an instance."""
+
+    ae_title: str
+    address: str
+
+
+@dataclass(frozen=True)
+class IndexedInstance:
+    """The index's view of one stored instance."""
+
+    sop_instance_uid: str
+    digest: str
+    size: int
+
+
+class InstanceExists(Exception):
+    """Another writer indexed the same SOP Instance UID first."""
+
+
+def fold_name(name: str) -> str:
+    """Person names compare case-insensitively by their case-folded form."""
+    return name.casefold()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class IndexWriter:
+    """Writes and looks up instances; safe to share between association threads."""
+
+    def __init__(self, db: Database, retries: int = 3) -> None:
+        self.db = db
+        self.retries = retries
+
+    def _retrying(self, work: Callable[[], T]) -> T:
+        delay = _RETRY_BASE_DELAY
+        for attempt in range(self.retries + 1):
+            try:
+                return work()
+            # IntegrityError here means a concurrent writer created the same patient, study
+            # or series first (PostgreSQL); the retry finds its row.
+            except (OperationalError, InterfaceError, IntegrityError) as exc:
+                if self.db.in_transaction():
+                    raise
+                if attempt == self.retries:
+                    raise IndexUnavailable(f"index unavailable: {exc}") from exc
+                log.warning("index write failed (%s); retry %d of %d", exc, attempt + 1,
+                            self.retries)
+                if not self.db.is_closed():
+                    self.db.close()  # a broken connection is reopened on next use
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def find(self, sop_instance_uid: str) -> IndexedInstance | None:
+        """The indexed instance with this SOP Instance UID, if any."""
+
+        def lookup() -> IndexedInstance | None:
+            row = (
+                Instance.select(Instance.digest, Instance.size)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+                .first()
+            )
+            return None if row is None else IndexedInstance(sop_instance_uid, row.digest, row.size)
+
+        return self._retrying(lookup)
+
+    def is_referenced(self, digest: str) -> bool:
+        """True when some instance row points at the file ``digest``."""
+        return self._retrying(
+            lambda: Instance.select(Instance.id).where(Instance.digest == digest).exists()
+        )
+
+    def add(self, header: InstanceHeader, digest: str, size: int, transfer_syntax: str,
+            source: Source) -> None:
+        """Index a new instance; raises InstanceExists when its SOP Instance UID is taken."""
+
+        def write() -> None:
+            with self.db.atomic():
+                series = self._series_for(header)
+                try:
+                    with self.db.atomic():  # savepoint: PostgreSQL aborts on a failed insert
+                        Instance.insert(
+                            **_instance_fields(header, digest, size, transfer_syntax, source),
+                            series=series,
+                        ).execute()
+                except IntegrityError as exc:
+                    raise InstanceExists(header.sop_instance_uid) from exc
+
+        self._retrying(write)
+
+    def replace(self, header: InstanceHeader, digest: str, size: int, transfer_syntax: str,
+                source: Source) -> str | None:
+        """Point the instance at new content; returns the digest it had before (or None)."""
+
+        def write() -> str | None:
+            with self.db.atomic():
+                series = self._series_for(header)
+                old = (
+                    Instance.select(Instance.id, Instance.digest)
+                    .where(Instance.sop_instance_uid == header.sop_instance_uid)
+                    .first()
+                )
+                fields = _instance_fields(header, digest, size, transfer_syntax, source)
+                if old is None:
+                    Instance.insert(**fields, series=series).execute()
+                    return None
+                Instance.update(**fields, series=series).where(Instance.id == old.id).execute()
+                return str(old.digest)
+
+        return self._retrying(write)
+
+    def _series_for(self, header: InstanceHeader) -> int:
+        """The id of the instance's series, creating series, study and patient as needed."""
+        row = (
+            Series.select(Series.id, Study.study_instance_uid)
+            .join(Study)
+            .where(Series.series_instance_uid == header.series_instance_uid)
+            .tuples()
+            .first()
+        )
+        if row is not None:
+            series_id, study_uid = row
+            if study_uid != header.study_instance_uid:
+                # PS3.4 C.6.1.1: a series belongs to exactly one study.
+                raise InvalidDataset("Series Instance UID already belongs to another study")
+            return int(series_id)
+        study_id = self._study_for(header)
+        return int(
+            Series.insert(
+                series_instance_uid=header.series_instance_uid,
+                study=study_id,
+                modality=header.modality,
+                series_number=header.series_number,
+                series_date=header.series_date,
+                series_time=header.series_time,
+                series_description=header.series_description,
+                body_part_examined=header.body_part_examined,
+            ).execute()
+        )
+
+    def _study_for(self, header: InstanceHeader) -> int:
+        row = (
+            Study.select(Study.id)
+            .where(Study.study_instance_uid == header.study_instance_uid)
+            .tuples()
+            .first()
+        )
+        if row is not None:
+            return int(row[0])
+        return int(
+            Study.insert(
+                study_instance_uid=header.study_instance_uid,
+                patient=self._patient_for(header),
+                study_date=header.study_date,
+                study_time=header.study_time,
+                accession_number=header.accession_number,
+                study_id=header.study_id,
+                study_description=header.study_description,
+                referring_physician_name=header.referring_physician_name,
+                referring_physician_name_folded=fold_name(header.referring_physician_name),
+                received_at=_now(),
+            ).execute()
+        )
+
+    def _patient_for(self, header: InstanceHeader) -> int:
+        key = (Patient.patient_id == header.patient_id) & (
+            Patient.issuer_of_patient_id == header.issuer_of_patient_id
+        )
+        row = Patient.select(Patient.id).where(key).tuples().first()
+        if row is not None:
+            return int(row[0])
+        return int(
+            Patient.insert(
+                patient_id=header.patient_id,
+                issuer_of_patient_id=header.issuer_of_patient_id,
+                patient_name=header.patient_name,
+                patient_name_folded=fold_name(header.patient_name),
+                patient_birth_date=header.patient_birth_date,
+                patient_sex=header.patient_sex,
+            ).execute()
+        )
+
+
+def _instance_fields(header: InstanceHeader, digest: str, size: int, transfer_syntax: str,
+                     source: Source) -> dict[str, object]:
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "instance_number": header.instance_number,
+        "specific_character_set": header.specific_character_set,
+        "transfer_syntax_uid": transfer_syntax,
+        "digest": digest,
+        "size": size,
+        "received_at": _now(),
+        "source_ae": source.ae_title,
+        "source_address": source.address,
+    }
+
+
+def digests_with_prefix(prefix: str) -> set[str]:
+    """Digests of all indexed files whose digest starts with the hex string ``prefix``."""
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # next prefix: 'ab' -> 'ac', '0f' -> '0g'
+    rows = (
+        Instance.select(Instance.digest)
+        .where((Instance.digest >= prefix) & (Instance.digest < upper))
+        .tuples()
+    )
+    return {str(digest) for (digest,) in cast(Iterable[tuple[str]], rows)}

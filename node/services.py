@@ -1,0 +1,57 @@
+"""The parts every handler and command is handed: config, store, index and the ingest path.
+
+Built once from the config by ``open_services``; nothing else in the node reads global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peewee import Database, PeeweeException
+
+from node.config import NodeConfig
+from node.errors import StartupError
+from node.index.database import connect, ensure_schema
+from node.index.writer import IndexWriter
+from node.ingest import Ingestor
+from node.store import Store
+
+
+@dataclass(frozen=True)
+class Services:
+    config: NodeConfig
+    db: Database
+    store: Store
+    index: IndexWriter
+    ingestor: Ingestor
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+        if hasattr(self.db, "close_all"):  # a pooled database keeps idle connections
+            self.db.close_all()
+
+
+def open_services(config: NodeConfig) -> Services:
+    """Open the store and the index (creating both if new) and wire the ingest path."""
+    store = Store(config.storage)
+    try:
+        store.open()
+    except OSError as exc:
+        raise StartupError(f"store {config.storage} is not usable: {exc.strerror or exc}") from exc
+    db = connect(
+        config.database, max_connections=config.max_associations, timeout=config.database_timeout
+    )
+    try:
+        db.connect(reuse_if_open=True)
+        ensure_schema(db)
+    except PeeweeException as exc:
+        raise StartupError(f"cannot open index {config.database.describe()}: {exc}") from exc
+    index = IndexWriter(db, retries=config.database_retries)
+    return Services(
+        config=config,
+        db=db,
+        store=store,
+        index=index,
+        ingestor=Ingestor(store, index, config.duplicates),
+    )

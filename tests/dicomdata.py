@@ -1,0 +1,175 @@
+"""Test data and a pynetdicom SCU: build instances, write Part 10 files, send them to a node."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
+
+CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
+PREFIX = "1.2.826.0.1.3680043.10.1234."  # test UIDs
+
+
+def make_instance(
+    sop_class: str = CT_IMAGE,
+    study: str | None = None,
+    series: str | None = None,
+    sop_instance: str | None = None,
+    rows: int = 8,
+    **attributes: Any,
+) -> Dataset:
+    """A small, valid image instance; keyword arguments set or override attributes."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance or generate_uid(PREFIX)
+    ds.StudyInstanceUID = study or generate_uid(PREFIX)
+    ds.SeriesInstanceUID = series or generate_uid(PREFIX)
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = "TEST-001"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = "20260102"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyID = "S1"
+    ds.Modality = "CT" if sop_class == CT_IMAGE else "MR"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows = ds.Columns = rows
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256) + bytes(rows * rows * 2 % 256)
+    for keyword, value in attributes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def write_part10(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian,
+                 meta_sop_class: str | None = None, meta_sop_instance: str | None = None) -> Path:
+    """Save ``ds`` as a Part 10 file; the meta UIDs may differ from the dataset's on purpose."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = meta_sop_class or ds.get("SOPClassUID", CT_IMAGE)
+    meta.MediaStorageSOPInstanceUID = meta_sop_instance or ds.get(
+        "SOPInstanceUID", generate_uid(PREFIX)
+    )
+    meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_raw_part10(path: Path, sop_class: str, sop_instance: str, dataset_bytes: bytes,
+                     transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+    """A Part 10 file whose dataset is ``dataset_bytes`` verbatim (may be garbage on purpose)."""
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)  # type: ignore[arg-type]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue() + dataset_bytes)
+    return path
+
+
+def dataset_bytes_of(path: Path) -> bytes:
+    """The encoded dataset of a Part 10 file: everything after the File Meta group."""
+    data = path.read_bytes()
+    return data[_meta_end(data) :]
+
+
+def _meta_end(data: bytes) -> int:
+    """Offset just past the File Meta Information group of a Part 10 file."""
+    assert data[128:132] == b"DICM"
+    # (0002,0000) UL group length, explicit VR little endian, starts right after DICM
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    group_length = int.from_bytes(data[140:144], "little")
+    return 144 + group_length
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The outcome of one C-STORE: the SOP Instance UID and the status (None: no response)."""
+
+    sop_instance_uid: str
+    status: int | None
+    comment: str = ""
+
+
+def send_files(port: int, paths: Sequence[Path], called: str = "DICOMNODE",
+               calling: str = "TESTSCU") -> list[Sent]:
+    """Send Part 10 files on one association, each dataset byte-for-byte as in its file.
+
+    pynetdicom's chunked sending takes the SOP UIDs from the File Meta and sends the encoded
+    dataset without decoding it, so deliberately broken datasets go out exactly as written.
+    """
+    metas = [dcmread(p, stop_before_pixels=True, specific_tags=[]).file_meta for p in paths]
+    ae = AE(ae_title=calling)
+    contexts = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
+    for sop_class, ts in sorted(contexts):
+        ae.add_requested_context(sop_class, [ts])
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, "association rejected"
+        results = []
+        try:
+            for path, meta in zip(paths, metas, strict=True):
+                status = assoc.send_c_store(path)
+                results.append(_sent(str(meta.MediaStorageSOPInstanceUID), status))
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return results
+
+
+def send_datasets(port: int, datasets: Iterable[Dataset], called: str = "DICOMNODE",
+                  calling: str = "TESTSCU",
+                  transfer_syntax: str = ImplicitVRLittleEndian) -> list[Sent]:
+    """Send datasets (encoded by pynetdicom in ``transfer_syntax``) on one association."""
+    items = list(datasets)
+    ae = AE(ae_title=calling)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in items}):
+        ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class,
+                                                                       [transfer_syntax])]
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association rejected"
+    try:
+        return [_sent(str(ds.SOPInstanceUID), assoc.send_c_store(ds)) for ds in items]
+    finally:
+        assoc.release()
+
+
+def _sent(uid: str, status: Dataset) -> Sent:
+    if not status or "Status" not in status:
+        return Sent(uid, None)
+    return Sent(uid, int(status.Status), str(status.get("ErrorComment", "")))
