@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from pynetdicom import AE, evt
+from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
@@ -20,6 +21,7 @@ from node.errors import StartupError
 from node.handlers.association import AssociationLog
 from node.handlers.echo import handle_echo
 from node.handlers.store import handle_store
+from node.latency import make_responsive
 from node.recovery import sweep
 from node.services import Services, open_services
 
@@ -84,12 +86,17 @@ class RunningNode:
         self.thread.join(grace)
 
 
+def _tune_connection(event: Event) -> None:
+    make_responsive(event.assoc.dul)
+
+
 def start(services: Services) -> RunningNode:
     """Bind the listener and serve in a background thread."""
     config = services.config
     ae = build_ae(config)
     associations = AssociationLog()
     handlers = [
+        (evt.EVT_CONN_OPEN, _tune_connection),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingestor, associations]),
         *associations.handlers(),

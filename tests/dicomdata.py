@@ -156,7 +156,7 @@ def send_datasets(port: int, datasets: Iterable[Dataset], called: str = "DICOMNO
                   calling: str = "TESTSCU",
                   transfer_syntax: str = ImplicitVRLittleEndian) -> list[Sent]:
     """Send datasets (encoded by pynetdicom in ``transfer_syntax``) on one association."""
-    items = list(datasets)
+    items = [encoded_as(ds, transfer_syntax) for ds in datasets]
     ae = AE(ae_title=calling)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in items}):
         ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class,
@@ -169,7 +169,83 @@ def send_datasets(port: int, datasets: Iterable[Dataset], called: str = "DICOMNO
         assoc.release()
 
 
+def encoded_as(ds: Dataset, transfer_syntax: str = ImplicitVRLittleEndian) -> Dataset:
+    """Tell pynetdicom which transfer syntax to send ``ds`` in (it reads the File Meta)."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = meta
+    return ds
+
+
 def _sent(uid: str, status: Dataset) -> Sent:
     if not status or "Status" not in status:
         return Sent(uid, None)
     return Sent(uid, int(status.Status), str(status.get("ErrorComment", "")))
+
+
+# --- Sending file by file on one open association (rejection, duplicate, resource tests) -----
+# (imported here so that this block can be appended without touching the lines above)
+import socket  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from pynetdicom.dsutils import split_dataset  # noqa: E402
+
+_chunked_lock = threading.Lock()
+_chunked_users = 0
+_chunked_saved = False
+
+
+@contextmanager
+def _chunked_sending() -> Iterator[None]:
+    """pynetdicom's chunked mode on while any thread needs it (the switch is process-global)."""
+    global _chunked_users, _chunked_saved
+    with _chunked_lock:
+        if _chunked_users == 0:
+            _chunked_saved = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _chunked_users += 1
+    try:
+        yield
+    finally:
+        with _chunked_lock:
+            _chunked_users -= 1
+            if _chunked_users == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = _chunked_saved
+
+
+def file_meta_of(path: Path) -> Dataset:
+    """The File Meta of a Part 10 file, read without touching its dataset (may be garbage)."""
+    meta, _ = split_dataset(path)
+    return meta
+
+
+@contextmanager
+def store_association(port: int, paths: Sequence[Path], called: str = "DICOMNODE",
+                      calling: str = "TESTSCU") -> Iterator[Callable[[Path], Sent]]:
+    """An association able to send ``paths``; yields ``send(path) -> Sent``, one C-STORE each.
+
+    Like send_files, each dataset goes out byte-for-byte and the command's SOP UIDs come from
+    the File Meta; unlike it, the caller decides when each C-STORE goes (between sends it can
+    change the world, or wait on a barrier).
+    """
+    metas = [file_meta_of(p) for p in paths]
+    ae = AE(ae_title=calling)
+    contexts = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
+    for sop_class, ts in sorted(contexts):
+        ae.add_requested_context(sop_class, [ts])
+    with _chunked_sending():
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, "association rejected"
+        # Nagle's algorithm would hold each small write for the peer's delayed ACK (~40 ms).
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def send(path: Path) -> Sent:
+            uid = str(file_meta_of(path).MediaStorageSOPInstanceUID)
+            return _sent(uid, assoc.send_c_store(path))
+
+        try:
+            yield send
+        finally:
+            assoc.release()

@@ -80,3 +80,21 @@ def test_dcmtk_storescu_stores_once(node: NodeProcess, tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert len(node.stored_files()) == 5
     assert node.rows("SELECT count(*) FROM instance") == [(5,)]
+
+
+def test_info_log_names_no_patient_but_every_association_and_store(node: NodeProcess) -> None:
+    from tests.dicomdata import send_datasets
+
+    ds = make_instance(PatientName="Sensitive^Secret", PatientID="PID-CONFIDENTIAL-42")
+    assert [s.status for s in send_datasets(node.port, [ds])] == [0]
+    assert echo(node.port)  # a second association, so the first one's line is written
+    log = node.log()
+    assert "Sensitive" not in log and "PID-CONFIDENTIAL-42" not in log
+    store_lines = [line for line in log.splitlines() if "C-STORE" in line]
+    assert len(store_lines) == 1
+    assert ds.SOPInstanceUID in store_lines[0] and "status 0x0000" in store_lines[0]
+    assert "CTImageStorage" in store_lines[0] and " ms" in store_lines[0]
+    assoc_lines = [line for line in log.splitlines() if "association from TESTSCU" in line]
+    assert len(assoc_lines) >= 2
+    assert any("released: 1 stored, 0 failed" in line for line in assoc_lines)
+    assert all("127.0.0.1" in line for line in assoc_lines)

@@ -11,10 +11,9 @@ import re
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
 
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -46,6 +45,15 @@ _TAGS: dict[str, int] = {
     "StudyID": 0x00200010,
     "SeriesNumber": 0x00200011,
     "InstanceNumber": 0x00200013,
+}
+_VR: dict[str, str] = {
+    "SpecificCharacterSet": "CS", "SOPClassUID": "UI", "SOPInstanceUID": "UI",
+    "StudyDate": "DA", "SeriesDate": "DA", "StudyTime": "TM", "SeriesTime": "TM",
+    "AccessionNumber": "SH", "Modality": "CS", "ReferringPhysicianName": "PN",
+    "StudyDescription": "LO", "SeriesDescription": "LO", "PatientName": "PN",
+    "PatientID": "LO", "IssuerOfPatientID": "LO", "PatientBirthDate": "DA",
+    "PatientSex": "CS", "BodyPartExamined": "CS", "StudyInstanceUID": "UI",
+    "SeriesInstanceUID": "UI", "StudyID": "SH", "SeriesNumber": "IS", "InstanceNumber": "IS",
 }
 _SPECIFIC_TAGS: list[BaseTag | int] = list(_TAGS.values())
 _LAST_TAG = max(_TAGS.values())
@@ -123,38 +131,60 @@ def _raw_elements(
     return elements
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    """The element's value as one string ('' when absent or empty); multi-values joined by '\\'."""
-    try:
-        element = ds[_TAGS[keyword]]
-    except KeyError:
-        return ""
-    except (ValueError, TypeError, LookupError) as exc:
-        raise InvalidDataset(f"{keyword} cannot be decoded: {exc}") from exc
-    value: Any = element.value
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+# VRs of the elements read; values decoded through Specific Character Set (PS3.5 6.1.2.3).
+_DECODED_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC"}
+_PN_DELIMITERS = {0x5E, 0x3D, 0x5C}  # '^', '=', '\\': ISO 2022 escapes reset at these
+_TEXT_DELIMITERS = {0x5C}
 
 
-def _number(ds: Dataset, keyword: str) -> int | None:
-    """An IS value as int; None when absent or not a valid integer (never a reason to reject)."""
-    try:
-        text = _text(ds, keyword)
-        return int(text.split("\\")[0]) if text else None
-    except (ValueError, InvalidDataset):
-        return None
+class _Values:
+    """Decoded text of the raw elements, on demand."""
 
+    def __init__(self, elements: dict[BaseTag, RawDataElement | DataElement]) -> None:
+        self.elements = elements
+        charset = self.raw("SpecificCharacterSet")
+        self.charset = charset.decode("ascii", "replace").strip(" \0") if charset else ""
+        terms = [t.strip() for t in self.charset.split("\\")] if self.charset else None
+        try:
+            self.encodings = convert_encodings(terms)
+        except LookupError as exc:
+            raise InvalidDataset(f"unsupported Specific Character Set: {exc}") from exc
 
-def _uid(ds: Dataset, keyword: str, missing: type[Exception]) -> str:
-    value = _text(ds, keyword).rstrip("\0 ")
-    if not value:
-        raise missing(f"dataset has no {keyword}")
-    if not is_valid_uid(value):
-        raise InvalidDataset(f"{keyword} is not a valid UID")
-    return value
+    def raw(self, keyword: str) -> bytes:
+        element = self.elements.get(BaseTag(_TAGS[keyword]))
+        value = element.value if element is not None else None
+        return value if isinstance(value, bytes) else b""
+
+    def text(self, keyword: str) -> str:
+        """The value as one string ('' when absent); multiple values stay joined by '\\'."""
+        value = self.raw(keyword)
+        if not value:
+            return ""
+        vr = _VR[keyword]
+        if vr in _DECODED_VRS:
+            delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
+            text = decode_bytes(value, self.encodings, delimiters)
+            if vr == "PN":  # PS3.5 6.2.1.1: trailing empty component groups carry nothing
+                text = text.rstrip("=")
+        else:
+            text = value.decode("ascii", "replace")
+        return text.strip(" \0")
+
+    def number(self, keyword: str) -> int | None:
+        """An IS value as int; None when absent or not an integer (never a reason to reject)."""
+        text = self.text(keyword).split("\\")[0].strip()
+        try:
+            return int(text) if text else None
+        except ValueError:
+            return None
+
+    def uid(self, keyword: str, missing: type[Exception]) -> str:
+        value = self.text(keyword)
+        if not value:
+            raise missing(f"dataset has no {keyword}")
+        if not is_valid_uid(value):
+            raise InvalidDataset(f"{keyword} is not a valid UID")
+        return value
 
 
 def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
@@ -166,29 +196,30 @@ def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
     ts = UID(transfer_syntax)
     if not ts.is_transfer_syntax:
         raise UnreadableDataset(f"unknown transfer syntax {transfer_syntax}")
-    ds = Dataset(_raw_elements(data, ts))
+    values = _Values(_raw_elements(data, ts))
+    text = values.text
     return InstanceHeader(
-        sop_class_uid=_uid(ds, "SOPClassUID", UnreadableDataset),
-        sop_instance_uid=_uid(ds, "SOPInstanceUID", UnreadableDataset),
-        study_instance_uid=_uid(ds, "StudyInstanceUID", InvalidDataset),
-        series_instance_uid=_uid(ds, "SeriesInstanceUID", InvalidDataset),
-        patient_id=_text(ds, "PatientID"),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        patient_sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        modality=_text(ds, "Modality"),
-        series_number=_number(ds, "SeriesNumber"),
-        series_date=_text(ds, "SeriesDate"),
-        series_time=_text(ds, "SeriesTime"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part_examined=_text(ds, "BodyPartExamined"),
-        instance_number=_number(ds, "InstanceNumber"),
-        specific_character_set=_text(ds, "SpecificCharacterSet"),
+        sop_class_uid=values.uid("SOPClassUID", UnreadableDataset),
+        sop_instance_uid=values.uid("SOPInstanceUID", UnreadableDataset),
+        study_instance_uid=values.uid("StudyInstanceUID", InvalidDataset),
+        series_instance_uid=values.uid("SeriesInstanceUID", InvalidDataset),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate"),
+        patient_sex=text("PatientSex"),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        accession_number=text("AccessionNumber"),
+        study_id=text("StudyID"),
+        study_description=text("StudyDescription"),
+        referring_physician_name=text("ReferringPhysicianName"),
+        modality=text("Modality"),
+        series_number=values.number("SeriesNumber"),
+        series_date=text("SeriesDate"),
+        series_time=text("SeriesTime"),
+        series_description=text("SeriesDescription"),
+        body_part_examined=text("BodyPartExamined"),
+        instance_number=values.number("InstanceNumber"),
+        specific_character_set=values.charset,
     )

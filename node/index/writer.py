@@ -9,13 +9,15 @@ IndexUnavailable — never as success.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar, cast
 
-from peewee import Database, IntegrityError, InterfaceError, OperationalError
+from peewee import Database, IntegrityError, InterfaceError, OperationalError, SqliteDatabase
 
 from node.dicom.header import InstanceHeader
 from node.errors import IndexUnavailable, InvalidDataset
@@ -63,6 +65,21 @@ class IndexWriter:
     def __init__(self, db: Database, retries: int = 3) -> None:
         self.db = db
         self.retries = retries
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
+        # SQLite's busy handler (1, 2, 5, 10… ms).  Queueing writers on a Python lock instead
+        # hands the lock over at once.  PostgreSQL writers run concurrently.
+        self._write_lock: AbstractContextManager[object] = (
+            threading.Lock() if isinstance(db, SqliteDatabase) else nullcontext()
+        )
+
+    def _writing(self, work: Callable[[], T]) -> T:
+        """Run a write transaction, one at a time where the database needs it, with retries."""
+
+        def serialised() -> T:
+            with self._write_lock:
+                return work()
+
+        return self._retrying(serialised)
 
     def _retrying(self, work: Callable[[], T]) -> T:
         delay = _RETRY_BASE_DELAY
@@ -119,7 +136,7 @@ class IndexWriter:
                 except IntegrityError as exc:
                     raise InstanceExists(header.sop_instance_uid) from exc
 
-        self._retrying(write)
+        self._writing(write)
 
     def replace(self, header: InstanceHeader, digest: str, size: int, transfer_syntax: str,
                 source: Source) -> str | None:
@@ -140,7 +157,7 @@ class IndexWriter:
                 Instance.update(**fields, series=series).where(Instance.id == old.id).execute()
                 return str(old.digest)
 
-        return self._retrying(write)
+        return self._writing(write)
 
     def _series_for(self, header: InstanceHeader) -> int:
         """The id of the instance's series, creating series, study and patient as needed."""

@@ -1,0 +1,131 @@
+"""What survives: a clean restart, and kill -9 in the middle of a four-association ingest."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from tests.conftest import NodeProcess
+from tests.dicomdata import CT_IMAGE, encoded_as, make_instance, send_datasets, sha256_file
+
+INGEST_ASSOCIATIONS = 4
+KILL_ROUNDS = 3
+
+
+def test_restart_keeps_everything(node: NodeProcess) -> None:
+    first = [make_instance(InstanceNumber=i) for i in range(5)]
+    assert [s.status for s in send_datasets(node.port, first)] == [0] * 5
+    rows_before = node.rows("SELECT sop_instance_uid, digest FROM instance ORDER BY 1")
+    files_before = node.stored_files()
+
+    assert node.stop() == 0  # SIGTERM is a clean stop
+    assert "stopped" in node.log()
+    node.start()
+
+    assert node.rows("SELECT sop_instance_uid, digest FROM instance ORDER BY 1") == rows_before
+    assert node.stored_files() == files_before
+    assert [s.status for s in send_datasets(node.port, first[:1])] == [0]
+    assert "duplicate" in node.log().splitlines()[-2] + node.log().splitlines()[-1]
+    assert len(node.stored_files()) == 5
+
+
+def test_startup_sweeps_temporary_and_unindexed_files(node: NodeProcess) -> None:
+    assert [s.status for s in send_datasets(node.port, [make_instance()])] == [0]
+    kept = node.stored_files()
+    assert node.stop() == 0
+
+    leftover = node.storage / "tmp" / "deadbeef.part"
+    leftover.write_bytes(b"half a file")
+    orphan_bytes = b"a file that no row names"
+    import hashlib
+
+    digest = hashlib.sha256(orphan_bytes).hexdigest()
+    orphan = node.storage / "objects" / digest[:2] / digest[2:4] / digest
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(orphan_bytes)
+
+    node.start()
+    assert not leftover.exists()
+    assert not orphan.exists()
+    assert node.stored_files() == kept
+    assert "removed 1 temporary and 1 unindexed" in node.log()
+
+
+def _ingest_until_stopped(port: int, acknowledged: list[str], stop: threading.Event,
+                          errors: list[BaseException]) -> None:
+    """Send new instances on one association until told to stop or the node dies."""
+    ae = AE(ae_title="CRASHSCU")
+    ae.requested_contexts = [build_context(CT_IMAGE)]
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    if not assoc.is_established:
+        errors.append(RuntimeError("association not established"))
+        return
+    try:
+        while not stop.is_set() and assoc.is_established:
+            ds = encoded_as(make_instance(rows=64))
+            status = assoc.send_c_store(ds)
+            if status and status.Status == 0:
+                acknowledged.append(str(ds.SOPInstanceUID))
+    except (RuntimeError, OSError) as exc:  # the node vanished under us: expected
+        errors.append(exc)
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        threading.Event().wait(0.01)  # a bounded poll interval, not a wait for readiness
+    return False
+
+
+def test_kill_9_during_parallel_ingest_loses_nothing_acknowledged(node: NodeProcess) -> None:
+    all_acknowledged: list[str] = []
+    for round_number in range(KILL_ROUNDS):
+        acknowledged: list[str] = []
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        threads = [
+            threading.Thread(target=_ingest_until_stopped,
+                             args=(node.port, acknowledged, stop, errors))
+            for _ in range(INGEST_ASSOCIATIONS)
+        ]
+        for thread in threads:
+            thread.start()
+        target = 40 * (round_number + 1)
+        assert _wait_for(lambda: len(acknowledged) >= target, 60), "ingest too slow"
+        node.kill()  # SIGKILL while four associations are mid-transfer
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        all_acknowledged.extend(acknowledged)
+        node.start()
+
+        # Every acknowledged instance is present, intact, readable and indexed.
+        indexed = dict(node.rows("SELECT sop_instance_uid, digest FROM instance"))
+        for uid in all_acknowledged:
+            assert uid in indexed, f"acknowledged {uid} lost from the index"
+            path = node.storage / "objects" / indexed[uid][:2] / indexed[uid][2:4] / indexed[uid]
+            assert path.is_file(), f"acknowledged {uid} lost from the store"
+            assert sha256_file(path) == indexed[uid]
+            assert dcmread(path).SOPInstanceUID == uid
+        # No temporary file survives the start-up, and every file has its row.
+        assert node.temporary_files() == []
+        assert {p.name for p in node.stored_files()} == set(indexed.values())
+    assert len(all_acknowledged) >= 40 * KILL_ROUNDS
+
+
+def test_database_survives_as_valid_sqlite(node: NodeProcess, tmp_path: Path) -> None:
+    assert [s.status for s in send_datasets(node.port, [make_instance()])] == [0]
+    node.kill()
+    assert node.rows("PRAGMA integrity_check") == [("ok",)]
