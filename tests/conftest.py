@@ -13,8 +13,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Check ``predicate`` every ``interval`` seconds until it holds (True) or time runs out."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()  # never set: wait() is a bounded pause between checks
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(interval)
+    return True
 
 
 def echo(port: int, called: str = "DICOMNODE", timeout: float = 5.0) -> bool:
@@ -110,6 +122,12 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> str:
+        """Poll the log until ``text`` appears ``count`` times (lines written after a response)."""
+        if not poll_until(lambda: self.log().count(text) >= count, timeout):
+            raise AssertionError(f"{text!r} not logged {count} times:\n{self.log()}")
+        return self.log()
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """Read the node's SQLite index directly (a second, independent reader)."""

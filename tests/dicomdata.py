@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
 
 CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -61,14 +66,12 @@ def make_instance(
     return ds
 
 
-def write_part10(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian,
-                 meta_sop_class: str | None = None, meta_sop_instance: str | None = None) -> Path:
-    """Save ``ds`` as a Part 10 file; the meta UIDs may differ from the dataset's on purpose."""
+def write_part10(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+    """Save ``ds`` as a Part 10 file in ``transfer_syntax`` (File Meta UIDs from the dataset,
+    or placeholders when the dataset lacks them on purpose)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = meta_sop_class or ds.get("SOPClassUID", CT_IMAGE)
-    meta.MediaStorageSOPInstanceUID = meta_sop_instance or ds.get(
-        "SOPInstanceUID", generate_uid(PREFIX)
-    )
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", CT_IMAGE)
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid(PREFIX))
     meta.TransferSyntaxUID = transfer_syntax
     ds.file_meta = meta
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,11 +138,10 @@ def send_files(port: int, paths: Sequence[Path], called: str = "DICOMNODE",
     contexts = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
     for sop_class, ts in sorted(contexts):
         ae.add_requested_context(sop_class, [ts])
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
+    with _chunked_sending():
         assoc = ae.associate("127.0.0.1", port, ae_title=called)
         assert assoc.is_established, "association rejected"
+        no_delay(assoc)
         results = []
         try:
             for path, meta in zip(paths, metas, strict=True):
@@ -147,8 +149,6 @@ def send_files(port: int, paths: Sequence[Path], called: str = "DICOMNODE",
                 results.append(_sent(str(meta.MediaStorageSOPInstanceUID), status))
         finally:
             assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
     return results
 
 
@@ -163,10 +163,16 @@ def send_datasets(port: int, datasets: Iterable[Dataset], called: str = "DICOMNO
                                                                        [transfer_syntax])]
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association rejected"
+    no_delay(assoc)
     try:
         return [_sent(str(ds.SOPInstanceUID), assoc.send_c_store(ds)) for ds in items]
     finally:
         assoc.release()
+
+
+def no_delay(assoc: Association) -> None:
+    """Nagle's algorithm would hold each small write for the peer's delayed ACK (~40 ms)."""
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def encoded_as(ds: Dataset, transfer_syntax: str = ImplicitVRLittleEndian) -> Dataset:
@@ -184,13 +190,6 @@ def _sent(uid: str, status: Dataset) -> Sent:
 
 
 # --- Sending file by file on one open association (rejection, duplicate, resource tests) -----
-# (imported here so that this block can be appended without touching the lines above)
-import socket  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-
-from pynetdicom.dsutils import split_dataset  # noqa: E402
 
 _chunked_lock = threading.Lock()
 _chunked_users = 0
@@ -238,8 +237,7 @@ def store_association(port: int, paths: Sequence[Path], called: str = "DICOMNODE
     with _chunked_sending():
         assoc = ae.associate("127.0.0.1", port, ae_title=called)
         assert assoc.is_established, "association rejected"
-        # Nagle's algorithm would hold each small write for the peer's delayed ACK (~40 ms).
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(assoc)
 
         def send(path: Path) -> Sent:
             uid = str(file_meta_of(path).MediaStorageSOPInstanceUID)

@@ -106,5 +106,5 @@ def test_example_config_loads_and_documents_every_setting() -> None:
 
 
 def test_build_config_rejects_unknown_key_first(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^aaa: unknown key"):
+    with pytest.raises(ConfigError, match=r"^aaa: unknown key"):
         build_config({"aaa": 1, "port": "x"}, tmp_path)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
-from tests.conftest import NodeProcess
-from tests.dicomdata import CT_IMAGE, encoded_as, make_instance, send_datasets, sha256_file
+from tests.conftest import NodeProcess, poll_until
+from tests.dicomdata import (
+    CT_IMAGE,
+    encoded_as,
+    make_instance,
+    no_delay,
+    send_datasets,
+    sha256_file,
+)
 
 INGEST_ASSOCIATIONS = 4
 KILL_ROUNDS = 3
@@ -67,6 +72,7 @@ def _ingest_until_stopped(port: int, acknowledged: list[str], stop: threading.Ev
     if not assoc.is_established:
         errors.append(RuntimeError("association not established"))
         return
+    no_delay(assoc)
     try:
         while not stop.is_set() and assoc.is_established:
             ds = encoded_as(make_instance(rows=64))
@@ -78,15 +84,6 @@ def _ingest_until_stopped(port: int, acknowledged: list[str], stop: threading.Ev
     finally:
         if assoc.is_established:
             assoc.abort()
-
-
-def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        threading.Event().wait(0.01)  # a bounded poll interval, not a wait for readiness
-    return False
 
 
 def test_kill_9_during_parallel_ingest_loses_nothing_acknowledged(node: NodeProcess) -> None:
@@ -103,7 +100,7 @@ def test_kill_9_during_parallel_ingest_loses_nothing_acknowledged(node: NodeProc
         for thread in threads:
             thread.start()
         target = 40 * (round_number + 1)
-        assert _wait_for(lambda: len(acknowledged) >= target, 60), "ingest too slow"
+        assert poll_until(lambda n=target, a=acknowledged: len(a) >= n, 60), "ingest too slow"
         node.kill()  # SIGKILL while four associations are mid-transfer
         stop.set()
         for thread in threads:

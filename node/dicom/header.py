@@ -18,6 +18,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from node.dicom.structure import check_complete
 from node.errors import InvalidDataset, UnreadableDataset
 
 # Every element the index reads.  All lie below group 0x0028, so parsing stops there.
@@ -104,17 +105,23 @@ def _stop_after_last(tag: BaseTag, vr: str | None, length: int) -> bool:
     return bool(tag > _LAST_TAG)
 
 
+def _inflate(data: bytes) -> bytes:
+    """The dataset of a Deflated Explicit VR Little Endian transfer (PS3.5 A.5)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data, MAX_INFLATED_BYTES)
+    except zlib.error as exc:
+        raise UnreadableDataset(f"deflated dataset does not inflate: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise UnreadableDataset("deflated dataset inflates beyond the size limit")
+    if not inflater.eof:
+        raise UnreadableDataset("deflated dataset is cut short")
+    return inflated
+
+
 def _raw_elements(
     data: bytes, transfer_syntax: UID
 ) -> dict[BaseTag, RawDataElement | DataElement]:
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(data, MAX_INFLATED_BYTES)
-        except zlib.error as exc:
-            raise UnreadableDataset(f"deflated dataset does not inflate: {exc}") from exc
-        if inflater.unconsumed_tail:
-            raise UnreadableDataset("deflated dataset inflates beyond the size limit")
     elements: dict[BaseTag, RawDataElement | DataElement] = {}
     generator = data_element_generator(
         BytesIO(data),
@@ -190,12 +197,16 @@ class _Values:
 def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
     """Parse the index attributes from ``data``, a dataset encoded in ``transfer_syntax``.
 
-    Raises UnreadableDataset when the bytes do not decode or the SOP UIDs are missing, and
+    Raises UnreadableDataset when the bytes do not decode, are cut short or the SOP UIDs are
+    missing, and
     InvalidDataset when a required UID is missing or malformed.
     """
     ts = UID(transfer_syntax)
     if not ts.is_transfer_syntax:
         raise UnreadableDataset(f"unknown transfer syntax {transfer_syntax}")
+    if ts == DeflatedExplicitVRLittleEndian:
+        data = _inflate(data)
+    check_complete(data, ts.is_implicit_VR, ts.is_little_endian)
     values = _Values(_raw_elements(data, ts))
     text = values.text
     return InstanceHeader(

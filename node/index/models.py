@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from peewee import (
     AutoField,
+    BigAutoField,
     BigIntegerField,
     CharField,
     DateTimeField,
@@ -90,6 +91,8 @@ class Series(BaseModel):
 
 class Instance(BaseModel):
     """IMAGE level (PS3.4 C.6.1.1.5) plus where and how the file is kept."""
+
+    id = BigAutoField()  # an archive can outgrow 2**31 instances
 
     sop_instance_uid = CharField(max_length=UID_LENGTH, unique=True)
     series = ForeignKeyField(Series, backref="instances", on_delete="CASCADE", index=True)
