@@ -13,7 +13,7 @@ import time
 
 from pynetdicom.dul import DULServiceProvider
 
-BUSY_DELAY = 0.0001  # seconds between polls while the peer is sending
+BUSY_DELAY = 0.0001
 IDLE_DELAY = 0.001  # pynetdicom's own default
 BUSY_WINDOW = 0.05  # seconds after the last received data during which the peer counts as busy
 

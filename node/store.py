@@ -61,6 +61,7 @@ class Store:
         self.root = root
         self.objects = root / "objects"
         self.tmp = root / "tmp"
+        self._known_folders: set[Path] = set()  # fan-out folders known to exist (≤ 65,792)
 
     def open(self) -> None:
         """Create the folders if needed; fails clearly when the store is not writable."""
@@ -102,7 +103,12 @@ class Store:
             finally:
                 os.close(fd)
             self._make_parents(final)
-            os.rename(temporary, final)
+            try:
+                os.rename(temporary, final)
+            except FileNotFoundError:  # the folder was removed behind our back: make it again
+                self._known_folders.discard(final.parent)
+                self._make_parents(final)
+                os.rename(temporary, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
@@ -113,6 +119,8 @@ class Store:
 
     def _make_parents(self, final: Path) -> None:
         # A new fan-out folder must itself be made durable in its parent (fsync the parent).
+        if final.parent in self._known_folders:
+            return
         for folder in (final.parent.parent, final.parent):
             if not folder.is_dir():
                 try:
@@ -120,6 +128,7 @@ class Store:
                 except FileExistsError:
                     continue
                 _fsync_dir(folder.parent)
+        self._known_folders.add(final.parent)
 
     def remove(self, digest: str) -> bool:
         """Delete the file with ``digest``; False when it was not there."""

@@ -40,7 +40,7 @@ _STATUS_OF: list[tuple[type[NodeError], int]] = [
 ]
 
 
-def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog) -> Dataset:
+def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog) -> Dataset | int:
     started = time.perf_counter()
     request = cast(C_STORE, event.request)
     sop_class = str(request.AffectedSOPClassUID)
@@ -71,7 +71,8 @@ def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog)
         _sop_class_name(sop_class), sop_instance, status, outcome,
         f" ({comment})" if comment else "", (time.perf_counter() - started) * 1000,
     )
-    return status_dataset(status, comment)
+    # A bare status code is enough for success and spares building a dataset per instance.
+    return status_dataset(status, comment) if comment else status
 
 
 def _sop_class_name(uid: str) -> str:
