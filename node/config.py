@@ -76,6 +76,7 @@ class NodeConfig:
     network_timeout: float = 120.0
     database_retries: int = 3
     database_timeout: float = 10.0
+    stop_grace: float = 10.0
     source: Path | None = None  # the file it came from, for messages
 
 
@@ -169,6 +170,7 @@ SETTINGS: dict[str, Setting] = {
     "network_timeout": Setting(_seconds, 120.0, "seconds an idle association is kept"),
     "database_retries": Setting(_non_negative_int, 3, "retries of a failed index write"),
     "database_timeout": Setting(_seconds, 10.0, "seconds to wait for a locked index"),
+    "stop_grace": Setting(_seconds, 10.0, "seconds open associations get to finish on stop"),
 }
 
 _PEER_KEYS = {"host", "port"}
@@ -248,6 +250,7 @@ def build_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         network_timeout=values["network_timeout"],
         database_retries=values["database_retries"],
         database_timeout=values["database_timeout"],
+        stop_grace=values["stop_grace"],
         source=source,
     )
 

@@ -21,13 +21,11 @@ from node.errors import StartupError
 from node.handlers.association import AssociationLog
 from node.handlers.echo import handle_echo
 from node.handlers.store import handle_store
-from node.latency import make_responsive
+from node.latency import make_association_responsive
 from node.recovery import sweep
 from node.services import Services, open_services
 
 log = logging.getLogger(__name__)
-
-STOP_GRACE_SECONDS = 10.0
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
@@ -74,7 +72,7 @@ class RunningNode:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+    def stop(self, grace: float) -> None:
         """Stop accepting, let associations in flight finish for ``grace`` seconds, then abort."""
         self.server.shutdown()
         deadline = time.monotonic() + grace
@@ -87,7 +85,7 @@ class RunningNode:
 
 
 def _tune_connection(event: Event) -> None:
-    make_responsive(event.assoc.dul)
+    make_association_responsive(event.assoc)
 
 
 def start(services: Services) -> RunningNode:
@@ -136,7 +134,7 @@ def serve(config: NodeConfig) -> None:
             config.database.describe(),
         )
         stop_requested.wait()
-        node.stop()
+        node.stop(config.stop_grace)
     finally:
         services.close()
     log.info("stopped")

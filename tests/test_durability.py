@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -126,3 +128,20 @@ def test_database_survives_as_valid_sqlite(node: NodeProcess, tmp_path: Path) ->
     assert [s.status for s in send_datasets(node.port, [make_instance()])] == [0]
     node.kill()
     assert node.rows("PRAGMA integrity_check") == [("ok",)]
+
+
+def test_sigterm_with_an_idle_association_open_stops_within_the_grace(node_factory: Any) -> None:
+    node = node_factory(stop_grace=1).start()
+    ae = AE(ae_title="IDLESCU")
+    ae.requested_contexts = [build_context(CT_IMAGE)]
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        started = time.monotonic()
+        assert node.stop(timeout=20) == 0
+        assert time.monotonic() - started < 10
+        assert "aborting an association still open after 1 s" in node.log()
+        assert "stopped" in node.log()
+    finally:
+        if assoc.is_established:
+            assoc.abort()
