@@ -140,9 +140,6 @@ class Store:
         _fsync_dir(path.parent)
         return True
 
-    def read(self, digest: str) -> bytes:
-        return self.path_of(digest).read_bytes()
-
     def clear_temporary(self) -> int:
         """Remove every file in ``tmp/`` (call only when no write is in flight)."""
         removed = 0

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -133,23 +132,8 @@ def send_files(port: int, paths: Sequence[Path], called: str = "DICOMNODE",
     pynetdicom's chunked sending takes the SOP UIDs from the File Meta and sends the encoded
     dataset without decoding it, so deliberately broken datasets go out exactly as written.
     """
-    metas = [dcmread(p, stop_before_pixels=True, specific_tags=[]).file_meta for p in paths]
-    ae = AE(ae_title=calling)
-    contexts = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
-    for sop_class, ts in sorted(contexts):
-        ae.add_requested_context(sop_class, [ts])
-    with _chunked_sending():
-        assoc = ae.associate("127.0.0.1", port, ae_title=called)
-        assert assoc.is_established, "association rejected"
-        no_delay(assoc)
-        results = []
-        try:
-            for path, meta in zip(paths, metas, strict=True):
-                status = assoc.send_c_store(path)
-                results.append(_sent(str(meta.MediaStorageSOPInstanceUID), status))
-        finally:
-            assoc.release()
-    return results
+    with store_association(port, paths, called, calling) as send:
+        return [send(path) for path in paths]
 
 
 def send_datasets(port: int, datasets: Iterable[Dataset], called: str = "DICOMNODE",
