@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from pynetdicom import _config
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -16,4 +18,8 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO and dataset contents at DEBUG (patient data).
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    debug = level == "DEBUG"
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # Its standard handlers also format a trace of every PDU and DIMSE message (copying each
+    # dataset) whatever the log level; they are bound only when that trace is wanted.
+    _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
