@@ -13,6 +13,15 @@ if ! /usr/bin/storescu --version 2>/dev/null | grep -qi dcmtk; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dcmtk >/dev/null
 fi
 
+# tests/test_postgresql.py needs a PostgreSQL server on 127.0.0.1:5432 (user postgres, trust
+# auth, as on the project's machines); start the local cluster when it is installed but down.
+if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1; then
+    echo "== starting the local PostgreSQL cluster"
+    for version in /etc/postgresql/*; do
+        as_root pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start || true
+    done
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv"
     python3 -m venv .venv
