@@ -77,6 +77,8 @@ class NodeConfig:
     database_retries: int = 3
     database_timeout: float = 10.0
     stop_grace: float = 10.0
+    names_case_insensitive: bool = True
+    find_max_matches: int = 0
     source: Path | None = None  # the file it came from, for messages
 
 
@@ -112,6 +114,12 @@ def _positive_int(value: Any, key: str) -> int:
 def _non_negative_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{key}: must be a whole number of at least 0, got {value!r}")
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
     return value
 
 
@@ -171,6 +179,8 @@ SETTINGS: dict[str, Setting] = {
     "database_retries": Setting(_non_negative_int, 3, "retries of a failed index write"),
     "database_timeout": Setting(_seconds, 10.0, "seconds to wait for a locked index"),
     "stop_grace": Setting(_seconds, 10.0, "seconds open associations get to finish on stop"),
+    "names_case_insensitive": Setting(_boolean, True, "C-FIND person names ignore case"),
+    "find_max_matches": Setting(_non_negative_int, 0, "C-FIND answers at most this (0: all)"),
 }
 
 _PEER_KEYS = {"host", "port"}
@@ -251,6 +261,8 @@ def build_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         database_retries=values["database_retries"],
         database_timeout=values["database_timeout"],
         stop_grace=values["stop_grace"],
+        names_case_insensitive=values["names_case_insensitive"],
+        find_max_matches=values["find_max_matches"],
         source=source,
     )
 

@@ -16,10 +16,11 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
-from node.dicom.contexts import storage_contexts, verification_contexts
+from node.dicom.contexts import query_contexts, storage_contexts, verification_contexts
 from node.errors import StartupError
 from node.handlers.association import AssociationLog
 from node.handlers.echo import handle_echo
+from node.handlers.find import handle_find
 from node.handlers.store import handle_store
 from node.latency import make_association_responsive
 from node.recovery import sweep
@@ -50,7 +51,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
 def build_ae(config: NodeConfig) -> AE:
     """The application entity with the node's title, limits and accepted contexts."""
     ae = AE(ae_title=config.ae_title)
-    ae.supported_contexts = verification_contexts() + storage_contexts()
+    ae.supported_contexts = verification_contexts() + storage_contexts() + query_contexts()
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout
@@ -97,6 +98,7 @@ def start(services: Services) -> RunningNode:
         (evt.EVT_CONN_OPEN, _tune_connection),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingestor, associations]),
+        (evt.EVT_C_FIND, handle_find, [services.finder]),
         *associations.handlers(),
     ]
     try:

@@ -14,6 +14,7 @@ from node.errors import StartupError
 from node.index.database import connect, ensure_schema
 from node.index.writer import IndexWriter
 from node.ingest import Ingestor
+from node.query.engine import Finder
 from node.store import Store
 
 
@@ -24,6 +25,7 @@ class Services:
     store: Store
     index: IndexWriter
     ingestor: Ingestor
+    finder: Finder
 
     def close(self) -> None:
         if not self.db.is_closed():
@@ -54,4 +56,6 @@ def open_services(config: NodeConfig) -> Services:
         store=store,
         index=index,
         ingestor=Ingestor(store, index, config.duplicates),
+        finder=Finder(db, store, config.ae_title, fold_names=config.names_case_insensitive,
+                      max_matches=config.find_max_matches),
     )

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pydicom import uid
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 # Stored exactly as received (no transcoding), so every transfer syntax whose byte layout of
 # the dataset header pydicom can read is fine: the issue's list plus the newer compressions.
@@ -42,6 +46,17 @@ def storage_contexts() -> list[PresentationContext]:
     return [
         build_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)  # type: ignore[arg-type]
         for cx in AllStoragePresentationContexts
+    ]
+
+
+def query_contexts() -> list[PresentationContext]:
+    """C-FIND in the Patient Root and Study Root information models (PS3.4 C.6.1, C.6.2)."""
+    syntaxes: list[str] = [
+        uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian
+    ]
+    return [
+        build_context(PatientRootQueryRetrieveInformationModelFind, syntaxes),
+        build_context(StudyRootQueryRetrieveInformationModelFind, syntaxes),
     ]
 
 

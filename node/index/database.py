@@ -22,6 +22,9 @@ SQLITE_PRAGMAS = {
     "synchronous": "full",
     "foreign_keys": 1,
     "cache_size": -32_000,  # KiB of page cache per connection
+    # PS3.4 C.2.2.2: matching is case-sensitive (except person names, which use their own
+    # case-folded column); SQLite's LIKE would otherwise ignore ASCII case.
+    "case_sensitive_like": 1,
 }
 
 
