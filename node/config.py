@@ -40,6 +40,9 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    # May C-MOVE requests (from anyone) send this peer instances? PS3.4 C.4.2.1.5: a
+    # destination the node does not allow is answered 0xA801, as an unknown one.
+    move_destination: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ SETTINGS: dict[str, Setting] = {
     "find_max_matches": Setting(_non_negative_int, 0, "C-FIND answers at most this (0: all)"),
 }
 
-_PEER_KEYS = {"host", "port"}
+_PEER_KEYS = {"host", "port"}  # required
+_PEER_OPTIONAL = {"move_destination"}
 
 
 def _peers(raw: Any) -> dict[str, Peer]:
@@ -197,15 +201,17 @@ def _peers(raw: Any) -> dict[str, Peer]:
         ae = _ae_title(title, key)
         if not isinstance(spec, dict):
             raise ConfigError(f"{key}: must be a mapping with host and port")
-        unknown = sorted(set(map(str, spec)) - _PEER_KEYS)
+        unknown = sorted(set(map(str, spec)) - _PEER_KEYS - _PEER_OPTIONAL)
         if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}: unknown key (allowed: host, port)")
+            allowed = ", ".join(sorted(_PEER_KEYS | _PEER_OPTIONAL))
+            raise ConfigError(f"{key}.{unknown[0]}: unknown key (allowed: {allowed})")
         for needed in sorted(_PEER_KEYS - set(spec)):
             raise ConfigError(f"{key}.{needed}: missing")
         port = _port(spec["port"], f"{key}.port")
         if port == 0:
             raise ConfigError(f"{key}.port: must be a port number 1-65535")
-        peers[ae] = Peer(ae, _host(spec["host"], f"{key}.host"), port)
+        destination = _boolean(spec.get("move_destination", True), f"{key}.move_destination")
+        peers[ae] = Peer(ae, _host(spec["host"], f"{key}.host"), port, destination)
     return peers
 
 

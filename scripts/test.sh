@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run them:
-# DCMTK from apt, a virtualenv with the project and its test extras, ruff, mypy and pytest.
+# DCMTK and Orthanc from apt, a virtualenv with the project and its test extras, ruff, mypy and pytest.
 # Usage: scripts/test.sh [pytest arguments...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! /usr/bin/storescu --version 2>/dev/null | grep -qi dcmtk; then
-    echo "== installing DCMTK"
+# DCMTK (storescu, findscu, movescu, getscu, storescp, dcmqrscp) and Orthanc are the real peers
+# the tests talk to; the tests start their own Orthanc on free ports, never the packaged service.
+missing=()
+/usr/bin/storescu --version 2>/dev/null | grep -qi dcmtk || missing+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dcmtk >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # tests/test_postgresql.py needs a PostgreSQL server on 127.0.0.1:5432 (user postgres, trust

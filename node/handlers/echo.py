@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pynetdicom.events import Event
 
-from node.handlers.status import SUCCESS
+from node.dimse.status import SUCCESS
 
 
 def handle_echo(event: Event) -> int:

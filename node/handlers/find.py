@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
-from node.errors import NodeError, OutOfResources
-from node.handlers.status import (
+from node.dimse.status import (
     CANCELLED,
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
@@ -19,6 +18,7 @@ from node.handlers.status import (
     UNABLE_TO_PROCESS,
     status_dataset,
 )
+from node.errors import NodeError, OutOfResources
 from node.query.engine import Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request

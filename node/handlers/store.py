@@ -11,6 +11,14 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
+from node.dimse.status import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    DUPLICATE_SOP_INSTANCE,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    status_dataset,
+)
 from node.errors import (
     DuplicateRejected,
     InvalidDataset,
@@ -19,14 +27,6 @@ from node.errors import (
     UnreadableDataset,
 )
 from node.handlers.association import AssociationLog
-from node.handlers.status import (
-    CANNOT_UNDERSTAND,
-    DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    DUPLICATE_SOP_INSTANCE,
-    OUT_OF_RESOURCES,
-    SUCCESS,
-    status_dataset,
-)
 from node.index.writer import Source
 from node.ingest import Ingestor, Received
 

@@ -1,0 +1,1 @@
+"""The DIMSE edge: status codes shared by the service handlers (SCP) and the clients (SCU)."""

@@ -1,0 +1,1 @@
+"""Client side of the node: talking to peer AEs."""
