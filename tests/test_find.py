@@ -572,11 +572,6 @@ def test_person_names_match_case_insensitively_by_default(corpus_node: NodeProce
     _run(corpus_node, case)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "node bug: 'Doe^Jane^^^' is indexed verbatim and PN single-value matching compares the "
-    "strings, so the same name without its insignificant trailing delimiters (PS3.5 6.2, "
-    "Table 6.2-1 PN) does not match (node/dicom/header.py _Values.text, "
-    "node/query/matching.py text_condition)"))
 @pytest.mark.parametrize("query", ["Doe^Jane", "DOE^JANE^"])
 def test_person_name_trailing_empty_components_are_insignificant(corpus_node: NodeProcess,
                                                                   query: str) -> None:
@@ -952,10 +947,6 @@ def test_computed_patient_attributes(corpus_node: NodeProcess) -> None:
         (AE_TITLE, "ONLINE")}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "node bug: Study Root STUDY level returns Number of Patient Related Studies/Series/"
-    "Instances (PS3.4 Table C.6-5) with zero length; node/query/engine.py Finder.select only "
-    "selects a computed key at the level COMPUTED names (PATIENT)"))
 def test_computed_patient_attributes_at_study_root_study_level(
         corpus_node: NodeProcess) -> None:
     answer = c_find(corpus_node, "study", "STUDY",

@@ -144,6 +144,21 @@ _PN_DELIMITERS = {0x5E, 0x3D, 0x5C}  # '^', '=', '\\': ISO 2022 escapes reset at
 _TEXT_DELIMITERS = {0x5C}
 
 
+def normalise_person_name(text: str) -> str:
+    """A PN value without its insignificant trailing delimiters (PS3.5 6.2.1.1, 6.2 Table 6.2-1).
+
+    ``Doe^Jane^^^`` and ``Doe^Jane`` are the same name, as are ``Doe^Jane=`` and ``Doe^Jane``:
+    trailing empty components of each group and trailing empty groups are dropped, each of
+    several values (backslash-separated) on its own, so indexed names and query values compare
+    equal whichever form the sender chose.
+    """
+    values = []
+    for value in text.split("\\"):
+        groups = [group.rstrip("^ ") for group in value.split("=")]
+        values.append("=".join(groups).rstrip("="))
+    return "\\".join(values)
+
+
 class _Values:
     """Decoded text of the raw elements, on demand."""
 
@@ -171,8 +186,8 @@ class _Values:
         if vr in _DECODED_VRS:
             delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
             text = decode_bytes(value, self.encodings, delimiters)
-            if vr == "PN":  # PS3.5 6.2.1.1: trailing empty component groups carry nothing
-                text = text.rstrip("=")
+            if vr == "PN":
+                text = normalise_person_name(text)
         else:
             text = value.decode("ascii", "replace")
         return text.strip(" \0")

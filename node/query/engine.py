@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.errors import NodeError
 from node.index.models import Instance, Patient, Series, Study
-from node.query.keys import COMPUTED, KEYS, NODE_KEYS, Key, Level, Match
+from node.query.keys import COMPUTED, KEYS, NODE_KEYS, Key, Level, Match, Root
 from node.query.matching import condition, date_time_condition
 from node.query.request import FindRequest, Returned
 from node.store import Store
@@ -66,7 +66,7 @@ class Finder:
             key = KEYS.get(returned.keyword)
             if key is not None and key.level <= level:
                 selected[returned.keyword] = key.column
-            elif COMPUTED.get(returned.keyword) == level:
+            elif _computed_at(returned.keyword, request) == level:
                 selected[returned.keyword] = self._computed(returned.keyword)
         if any(_answered_from_file(r, level) for r in request.returned):
             selected[_FILE_DIGEST] = _representative_digest(level)
@@ -177,6 +177,18 @@ class Finder:
         except (OSError, InvalidDicomError) as exc:
             log.warning("could not read stored file %s for C-FIND: %s", digest, exc)
             return None
+
+
+def _computed_at(keyword: str, request: FindRequest) -> Level | None:
+    """The level whose rows a computed key is answered on, for this request's root.
+
+    The Study Root has no PATIENT level, so its STUDY level answers the patient's counts too
+    (PS3.4 C.6.2.1.2, Table C.6-5); the query joins each study to its patient.
+    """
+    level = COMPUTED.get(keyword)
+    if level is Level.PATIENT and request.root is Root.STUDY:
+        return Level.STUDY
+    return level
 
 
 def _answered_from_file(returned: Returned, level: Level) -> bool:

@@ -14,6 +14,7 @@ from functools import reduce
 
 from peewee import SQL, ColumnBase, Field, NodeList, Value, fn
 
+from node.dicom.header import normalise_person_name
 from node.query.keys import Key, Match
 from node.query.request import InvalidQuery
 
@@ -57,9 +58,13 @@ def _single_text(column: Field, value: str) -> ColumnBase:
 def text_condition(key: Key, value: str, fold_names: bool) -> ColumnBase:
     """Single value, wildcard or multiple values (backslash-separated) on a text key."""
     column = key.column
-    if key.match is Match.PERSON_NAME and fold_names and key.folded is not None:
-        column, value = key.folded, value.casefold()
-    return _any([_single_text(column, part) for part in value.split("\\")])
+    parts = value.split("\\")
+    if key.match is Match.PERSON_NAME:
+        # Indexed names carry no trailing empty components; neither may a literal query value.
+        parts = [part if has_wildcard(part) else normalise_person_name(part) for part in parts]
+        if fold_names and key.folded is not None:
+            column, parts = key.folded, [part.casefold() for part in parts]
+    return _any([_single_text(column, part) for part in parts])
 
 
 def _check(pattern: re.Pattern[str], value: str, key: Key) -> str:
