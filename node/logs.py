@@ -23,3 +23,6 @@ def setup_logging(level: str) -> None:
     # Its standard handlers also format a trace of every PDU and DIMSE message (copying each
     # dataset) whatever the log level; they are bound only when that trace is wanted.
     _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
+    # Its C-FIND/C-GET/C-MOVE services pretty-print every request and response identifier
+    # before calling logger.debug, so the cost is paid even when DEBUG is off.
+    _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = debug

@@ -1,4 +1,5 @@
-"""C-FIND SCP queried with DCMTK's findscu: the same kinds of queries as tests/test_find.py.
+"""C-FIND SCP queried with DCMTK's findscu: the same kinds of queries as tests/test_find.py
+(and, at the end, the encoding of answers in each uncompressed transfer syntax).
 
 findscu runs as a separate program (``-S`` study root, ``-P`` patient root), writes each pending
 response to ``rspNNNN.dcm`` (``-X -od DIR``) and logs the final status and its Error Comment at
@@ -18,6 +19,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from tests import findcorpus as fc
 from tests.conftest import NodeProcess, dcmtk_env, dcmtk_tool, make_node
@@ -253,3 +259,32 @@ def test_bad_identifiers_are_refused(corpus_node: NodeProcess, tmp_path: Path, r
     result = findscu(corpus_node, tmp_path / "r", root, level, *keys)
     assert (result.status, result.matches) == (DOES_NOT_MATCH, [])
     assert result.comment.strip(), result.log
+
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian,
+                                    ExplicitVRBigEndian])
+def test_answers_in_each_uncompressed_transfer_syntax(corpus_node: NodeProcess,
+                                                      syntax: str) -> None:
+    """The node's pre-encoded answers decode the same whichever syntax the context uses."""
+    ae = AE(ae_title="SYNTAXSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, [syntax])
+    assoc = ae.associate("127.0.0.1", corpus_node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = U("mueller_thorax")
+    query.PatientName = ""
+    query.ModalitiesInStudy = ""
+    query.NumberOfStudyRelatedInstances = ""
+    try:
+        assert assoc.accepted_contexts[0].transfer_syntax[0] == syntax
+        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    assert [int(status.Status) for status, _ in answers] == [0xFF00, 0x0000]
+    ds = answers[0][1]
+    series = fc.series_of_study("mueller_thorax")
+    assert str(ds.PatientName) == "Müller^Jürgen"
+    assert sorted(ds.ModalitiesInStudy) == sorted({fc.SERIES[s].modality for s in series})
+    assert int(ds.NumberOfStudyRelatedInstances) == fc.instance_count(series)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
@@ -19,7 +20,7 @@ from node.dimse.status import (
     status_dataset,
 )
 from node.errors import NodeError, OutOfResources
-from node.query.engine import Finder, TooManyMatches
+from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
 
@@ -31,6 +32,7 @@ _ROOTS = {
 }
 
 FindResponse = tuple[int | Dataset, Dataset | None]
+_UTF8 = convert_encodings([RESPONSE_CHARACTER_SET])  # what the engine encodes values in
 
 
 def handle_find(event: Event, finder: Finder) -> Iterator[FindResponse]:
@@ -38,6 +40,8 @@ def handle_find(event: Event, finder: Finder) -> Iterator[FindResponse]:
     root = _ROOTS[str(event.request.AffectedSOPClassUID)]
     matches = 0
     final: int | Dataset = SUCCESS
+    syntax = event.context.transfer_syntax
+    implicit, little_endian = bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
     try:
         request = parse_request(event.identifier, root)
         for identifier in finder.find(request):
@@ -45,6 +49,9 @@ def handle_find(event: Event, finder: Finder) -> Iterator[FindResponse]:
                 final = CANCELLED
                 break
             matches += 1
+            # Declare the identifier already in the context's encoding, so that pydicom
+            # writes the engine's pre-encoded elements as they are instead of decoding them.
+            identifier.set_original_encoding(implicit, little_endian, _UTF8)
             yield PENDING, identifier
     except InvalidQuery as exc:
         final = status_dataset(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))

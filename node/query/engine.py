@@ -14,8 +14,10 @@ from typing import Any
 
 from peewee import SQL, ColumnBase, Database, NodeList, Select, SqliteDatabase, fn
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 
 from node.errors import NodeError
 from node.index.models import Instance, Patient, Series, Study
@@ -149,7 +151,7 @@ class Finder:
             if stored is not None and returned.tag in stored:
                 ds[returned.tag] = stored[returned.tag]
                 continue
-            ds.add_new(returned.tag, returned.vr, self._value(returned, values))
+            ds[returned.tag] = _encoded(returned, self._value(returned, values))
         return ds
 
     def _value(self, returned: Returned, values: dict[str, Any]) -> Any:
@@ -177,6 +179,23 @@ class Finder:
         except (OSError, InvalidDicomError) as exc:
             log.warning("could not read stored file %s for C-FIND: %s", digest, exc)
             return None
+
+
+def _encoded(returned: Returned, value: Any) -> RawDataElement:
+    """An element already encoded in the response character set (UTF-8, PS3.5 6.1.2.3).
+
+    Every value the index answers is text (IS numbers included), so its bytes are the same in
+    every transfer syntax; pydicom writes a raw element as it is, which spares building and
+    validating a DataElement per key per match (most of a response's cost otherwise).
+    """
+    if value is None:
+        data = b""
+    else:
+        text = "\\".join(value) if isinstance(value, list) else str(value)
+        data = text.encode("utf-8")
+        if len(data) % 2:  # PS3.5 7.1.1: even length; UI pads with NUL, text with a space
+            data += b"\0" if returned.vr == "UI" else b" "
+    return RawDataElement(BaseTag(returned.tag), returned.vr, len(data), data, 0, False, True)
 
 
 def _computed_at(keyword: str, request: FindRequest) -> Level | None:
