@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import cast
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -26,7 +26,9 @@ REACTOR_TICK = 0.001  # the acceptor reactor's longest wait between checks (pyne
 
 
 class ResponsiveDUL(DULServiceProvider):
-    """A DUL whose poll interval depends on how recently the peer sent data."""
+    """A DUL whose poll interval depends on how recently data went either way."""
+
+    _last_sent = 0.0  # time.monotonic() of the last PDU the association handed over to send
 
     @property
     def _run_loop_delay(self) -> float:
@@ -34,11 +36,19 @@ class ResponsiveDUL(DULServiceProvider):
         started = self._idle_timer._start_time
         if started is not None and time.time() - started < BUSY_WINDOW:
             return BUSY_DELAY
+        # A stream of responses (C-FIND matches, C-GET sub-operations) receives nothing for a
+        # while: each PDU queued for sending would otherwise wait for the idle tick.
+        if time.monotonic() - self._last_sent < BUSY_WINDOW:
+            return BUSY_DELAY
         return IDLE_DELAY
 
     @_run_loop_delay.setter
     def _run_loop_delay(self, value: float) -> None:
         """pynetdicom's constructor assigns the fixed default; the property decides instead."""
+
+    def send_pdu(self, primitive: Any) -> None:
+        self._last_sent = time.monotonic()
+        super().send_pdu(primitive)
 
 
 def make_responsive(dul: DULServiceProvider) -> None:

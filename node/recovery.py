@@ -1,8 +1,11 @@
 """Start-up sweep: remove what a crash left in the store (temporary files, files no row names).
 
 A crash between a file's rename and its row's commit leaves an orphan; the instance was never
-acknowledged, so removing it loses nothing.  The sweep walks one fan-out folder at a time against
-the digests indexed under the same prefix, so memory stays bounded at any archive size.
+acknowledged, so removing it loses nothing.  The sweep runs only when this process holds the
+store alone: another process writing to it (a pull, an import, a second node) has temporary
+files and files whose rows are about to be committed, which are not garbage.  The sweep walks
+one fan-out folder at a time against the digests indexed under the same prefix, so memory stays
+bounded at any archive size.
 """
 
 from __future__ import annotations
@@ -23,10 +26,21 @@ class SweepReport:
     orphans_removed: int
     files_seen: int
     seconds: float
+    skipped: bool = False  # another process had the store open
 
 
 def sweep(store: Store) -> SweepReport:
     """Clear ``tmp/`` and delete files without an index row; call before serving."""
+    with store.exclusive() as alone:
+        if not alone:
+            log.warning("start-up sweep skipped: another process has the store %s open "
+                        "(a pull, an import or another node); it runs at the next start",
+                        store.root)
+            return SweepReport(0, 0, 0, 0.0, skipped=True)
+        return _sweep(store)
+
+
+def _sweep(store: Store) -> SweepReport:
     started = time.monotonic()
     temporary = store.clear_temporary()
     orphans = seen = 0

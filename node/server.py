@@ -9,6 +9,7 @@ import socketserver
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 
 from pynetdicom import AE, evt
@@ -16,14 +17,23 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
-from node.dicom.contexts import query_contexts, storage_contexts, verification_contexts
+from node.dicom.contexts import (
+    query_contexts,
+    retrieve_contexts,
+    storage_contexts,
+    verification_contexts,
+)
 from node.errors import StartupError
 from node.handlers.association import AssociationLog
 from node.handlers.echo import handle_echo
-from node.handlers.find import handle_find
+from node.handlers.find import handle_find, negotiate_find_extensions
+from node.handlers.get import handle_get
+from node.handlers.move import handle_move
+from node.handlers.retrieve_common import RetrieveService
 from node.handlers.store import handle_store
 from node.latency import make_association_responsive
 from node.recovery import sweep
+from node.scu.send import Outgoing
 from node.services import Services, open_services
 
 log = logging.getLogger(__name__)
@@ -51,7 +61,11 @@ class NodeAssociationServer(ThreadedAssociationServer):
 def build_ae(config: NodeConfig) -> AE:
     """The application entity with the node's title, limits and accepted contexts."""
     ae = AE(ae_title=config.ae_title)
-    ae.supported_contexts = verification_contexts() + storage_contexts() + query_contexts()
+    for cx in (verification_contexts() + storage_contexts() + query_contexts()
+               + retrieve_contexts()):
+        # Roles passed on explicitly: C-GET needs the storage contexts' (node.dicom.contexts).
+        ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax, cx.scu_role,
+                                 cx.scp_role)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout
@@ -85,8 +99,21 @@ class RunningNode:
         self.thread.join(grace)
 
 
-def _tune_connection(event: Event) -> None:
+def _tune_connection(event: Event, retrieve: RetrieveService) -> None:
     make_association_responsive(event.assoc)
+    retrieve.attach(event.assoc)
+
+
+def retrieve_service(services: Services) -> RetrieveService:
+    """C-MOVE and C-GET (PS3.4 C.4.2, C.4.3), served by the node's handlers."""
+    config = services.config
+    # Sub-operation associations to move destinations wait as long as a DIMSE exchange may.
+    outgoing = Outgoing(config.ae_title, config.dimse_timeout, config.max_pdu)
+    return RetrieveService(
+        move=partial(handle_move, planner=services.planner, peers=services.peers,
+                     outgoing=outgoing),
+        get=partial(handle_get, planner=services.planner),
+    )
 
 
 def start(services: Services) -> RunningNode:
@@ -95,10 +122,14 @@ def start(services: Services) -> RunningNode:
     ae = build_ae(config)
     associations = AssociationLog()
     handlers = [
-        (evt.EVT_CONN_OPEN, _tune_connection),
+        # C-MOVE and C-GET are taken off each association here, not through EVT_C_MOVE and
+        # EVT_C_GET: pynetdicom's service class behind those events re-encodes every instance
+        # (see node.handlers.retrieve_common).
+        (evt.EVT_CONN_OPEN, _tune_connection, [retrieve_service(services)]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingestor, associations]),
         (evt.EVT_C_FIND, handle_find, [services.finder]),
+        (evt.EVT_SOP_EXTENDED, negotiate_find_extensions),
         *associations.handlers(),
     ]
     try:

@@ -1,20 +1,22 @@
-"""The parts every handler and command is handed: config, store, index and the ingest path.
+"""The parts every handler and command is handed: config, store, index, ingest and retrieve.
 
 Built once from the config by ``open_services``; nothing else in the node reads global state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from peewee import Database, PeeweeException
 
-from node.config import NodeConfig
+from node.config import NodeConfig, Peer
 from node.errors import StartupError
 from node.index.database import connect, ensure_schema
 from node.index.writer import IndexWriter
 from node.ingest import Ingestor
 from node.query.engine import Finder
+from node.retrieve.plan import RetrievePlanner
 from node.store import Store
 
 
@@ -26,8 +28,15 @@ class Services:
     index: IndexWriter
     ingestor: Ingestor
     finder: Finder
+    planner: RetrievePlanner
+
+    def peers(self) -> Mapping[str, Peer]:
+        """The peers as configured now, by AE title; ask again for each request (C-MOVE
+        destinations), so that a configuration reloaded while the node runs applies."""
+        return self.config.peers
 
     def close(self) -> None:
+        self.store.close()
         if not self.db.is_closed():
             self.db.close()
         if hasattr(self.db, "close_all"):  # a pooled database keeps idle connections
@@ -48,6 +57,7 @@ def open_services(config: NodeConfig) -> Services:
         db.connect(reuse_if_open=True)
         ensure_schema(db)
     except PeeweeException as exc:
+        store.close()
         raise StartupError(f"cannot open index {config.database.describe()}: {exc}") from exc
     index = IndexWriter(db, retries=config.database_retries)
     return Services(
@@ -58,4 +68,5 @@ def open_services(config: NodeConfig) -> Services:
         ingestor=Ingestor(store, index, config.duplicates),
         finder=Finder(db, store, config.ae_title, fold_names=config.names_case_insensitive,
                       max_matches=config.find_max_matches),
+        planner=RetrievePlanner(db, store),
     )

@@ -4,6 +4,8 @@ Layout under the storage directory::
 
     objects/ab/cd/abcd…(64 hex)   one Part 10 file per digest, two fan-out levels
     tmp/                          files being written; anything here after a crash is garbage
+    .lock                         every process that opens the store holds it shared; the
+                                  start-up sweep needs it alone (``exclusive``)
 
 A write goes to ``tmp/``, is fsynced, renamed into place, and the folder is fsynced, so after
 ``put`` returns the file survives power loss.  No path is ever built from a dataset attribute.
@@ -11,7 +13,9 @@ A write goes to ``tmp/``, is fsynced, renamed into place, and the folder is fsyn
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -62,13 +66,48 @@ class Store:
         self.objects = root / "objects"
         self.tmp = root / "tmp"
         self._known_folders: set[Path] = set()  # fan-out folders known to exist (≤ 65,792)
+        self._lock: int | None = None
 
     def open(self) -> None:
-        """Create the folders if needed; fails clearly when the store is not writable."""
+        """Create the folders if needed and take the store's shared lock.
+
+        Fails clearly when the store is not writable.
+        """
         for folder in (self.root, self.objects, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
         if not os.access(self.tmp, os.W_OK | os.X_OK):
             raise PermissionError(f"store {self.root} is not writable")
+        if self._lock is None:
+            self._lock = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        """Release the shared lock (the files stay as they are)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Hold the store alone while the block runs, if no other process has it open.
+
+        Yields False (without waiting) when another process (a serve, a pull, an import)
+        holds the store: its temporary files and its files whose rows are not committed yet
+        are not garbage then.  The shared lock is held again afterwards.
+        """
+        if self._lock is None:
+            raise RuntimeError("store is not open")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # flock converts a lock by dropping it first (flock(2)): take the shared one again.
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
 
     def path_of(self, digest: str) -> Path:
         """Where the file with ``digest`` lives (whether or not it exists)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,6 +64,39 @@ def test_startup_sweeps_temporary_and_unindexed_files(node: NodeProcess) -> None
     assert not orphan.exists()
     assert node.stored_files() == kept
     assert "removed 1 temporary and 1 unindexed" in node.log()
+
+
+def test_sweep_waits_while_another_process_has_the_store_open(node: NodeProcess) -> None:
+    """A pull or import writing to the store: its temporary files are not garbage yet."""
+    assert node.stop() == 0
+    leftover = node.storage / "tmp" / "in-flight.part"
+    leftover.write_bytes(b"being written by another process")
+    holder = subprocess.Popen(  # holds the store open like a running pull
+        [sys.executable, "-c", HOLD_STORE, str(node.config_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        node.start()
+        assert leftover.exists()
+        assert "start-up sweep skipped: another process has the store" in node.log()
+        assert node.stop() == 0
+    finally:
+        holder.communicate(b"\n", timeout=30)
+    node.start()  # alone again: the sweep runs
+    assert not leftover.exists()
+    assert "removed 1 temporary" in node.log()
+
+
+HOLD_STORE = """
+import sys
+from pathlib import Path
+from node.config import load_config
+from node.services import open_services
+services = open_services(load_config(Path(sys.argv[1])))
+print("open", flush=True)
+sys.stdin.readline()
+services.close()
+"""
 
 
 def _ingest_until_stopped(port: int, acknowledged: list[str], stop: threading.Event,

@@ -29,6 +29,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -408,6 +409,19 @@ WILDCARD = [
            {"obrien_chest_ct", "obrien_chest_sr"}),
 ]
 
+# name, StudyDate, StudyTime, matches as one date-time range, matches with each range alone
+DATE_TIME_RANGES = [
+    ("datetime-closed", "20240131-20240201", "120000-120000",  # 31 Jan 12:00 .. 1 Feb 12:00
+     {"obrien_brain", "mueller_thorax", "doe_us", "mueller_knee"},
+     {"obrien_brain", "mueller_knee"}),
+    ("datetime-open-high", "20240131-", "120000-",
+     {"obrien_brain", "mueller_thorax", "mcdonald_ct", "doe_us", "mueller_knee"},
+     {"obrien_brain", "mueller_thorax", "mcdonald_ct", "mueller_knee"}),
+    ("datetime-open-low", "-20240131", "-120000",
+     {"obrien_chest", "obrien_brain", "ivanov_head", "muller_abdomen"},
+     {"obrien_chest", "obrien_brain", "muller_abdomen"}),
+]
+
 RANGES = [
     study("date-closed", {"StudyDate": "20240101-20240131"},
           {"obrien_chest", "obrien_brain", "mueller_thorax", "muller_abdomen"}),
@@ -424,14 +438,10 @@ RANGES = [
     study("time-open-low", {"StudyTime": "-000000"}, {"obrien_chest", "doe_us"}),
     study("time-single", {"StudyTime": "235959"},
           {"mcdonald_ct", "mueller_thorax", "ivanov_head"}),
-    # Date and time ranges together are one date-time range (PS3.4 C.2.2.2.5):
-    # 2024-01-31 12:00:00 .. 2024-02-01 12:00:00, not "either day at 12:00:00".
-    study("datetime-closed", {"StudyDate": "20240131-20240201", "StudyTime": "120000-120000"},
-          {"obrien_brain", "mueller_thorax", "doe_us", "mueller_knee"}),
-    study("datetime-open-high", {"StudyDate": "20240131-", "StudyTime": "120000-"},
-          {"obrien_brain", "mueller_thorax", "mcdonald_ct", "doe_us", "mueller_knee"}),
-    study("datetime-open-low", {"StudyDate": "-20240131", "StudyTime": "-120000"},
-          {"obrien_chest", "obrien_brain", "ivanov_head", "muller_abdomen"}),
+    # Without Combined Date-Time Matching negotiated, a date range and a time range each
+    # match alone (PS3.4 C.2.2.2.5): either day, at 12:00:00 (test_combined_date_time...).
+    *[study(name, {"StudyDate": day, "StudyTime": moment}, separately)
+      for name, day, moment, _, separately in DATE_TIME_RANGES],
     study("single-date-and-time-range", {"StudyDate": "20240131", "StudyTime": "120000-"},
           {"obrien_brain", "mueller_thorax"}),
     study("date-range-and-single-time", {"StudyDate": "20240131-20240201",
@@ -1050,3 +1060,45 @@ def test_max_matches_allows_up_to_the_limit(nodes: Nodes, level: str, keys: Keys
     answer = c_find(nodes.limited, "study", level,
                     {"StudyInstanceUID": LIMITED_STUDY, **keys})
     assert (answer.status, len(answer.matches)) == (SUCCESS, expected)
+
+
+@pytest.mark.parametrize(("name", "day", "moment", "combined", "separately"), DATE_TIME_RANGES,
+                         ids=[r[0] for r in DATE_TIME_RANGES])
+def test_combined_date_time_matching_when_negotiated(corpus_node: NodeProcess, name: str,
+                                                     day: str, moment: str,
+                                                     combined: set[str],
+                                                     separately: set[str]) -> None:
+    """PS3.4 C.5.1.1.2: byte 2 of the C-FIND extended negotiation asks for one date-time
+    range; the node accepts it (and declines relational queries, byte 1)."""
+    assert combined != separately  # the case tells the two behaviours apart
+    item = SOPClassExtendedNegotiation()
+    item.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+    item.service_class_application_information = b"\x01\x01"
+    ae = AE(ae_title="DTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", corpus_node.port, ae_title=AE_TITLE, ext_neg=[item])
+    assert assoc.is_established
+    try:
+        accepted = {str(k): v for k, v in assoc.acceptor.sop_class_extended.items()}
+        assert accepted == {str(StudyRootQueryRetrieveInformationModelFind): b"\x00\x01"}
+        query = identifier("STUDY", {"StudyDate": day, "StudyTime": moment,
+                                     "StudyInstanceUID": ""})
+        found = {fc.NAME_OF[str(ds.StudyInstanceUID)]
+                 for status, ds in assoc.send_c_find(
+                     query, StudyRootQueryRetrieveInformationModelFind)
+                 if ds is not None and int(status.Status) in PENDING}
+    finally:
+        assoc.release()
+    assert found == combined
+
+
+def test_a_key_not_used_for_matching_is_answered_ff01(corpus_node: NodeProcess) -> None:
+    """PS3.4 C.4.1.1.4: matches of a query with a value on a key the node does not match on
+    (here InstitutionName, not indexed: treated as universal) are Pending 0xFF01."""
+    answer = c_find(corpus_node, "study", "STUDY",
+                    {"StudyInstanceUID": U("doe_us"), "InstitutionName": "Nowhere"})
+    assert names(answer, "STUDY") == {"doe_us"}
+    assert answer.pending_statuses == [0xFF01]
+    matched = c_find(corpus_node, "study", "STUDY",
+                     {"StudyInstanceUID": U("doe_us"), "InstitutionName": ""})
+    assert matched.pending_statuses == [0xFF00]

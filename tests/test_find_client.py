@@ -8,8 +8,6 @@ administrator would. One more test queries our own node when it offers C-FIND.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,11 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, NodeProcess, dcmtk_env, dcmtk_tool, free_port, poll_until
+from tests.conftest import REPO, NodeProcess, free_port
+from tests.dcmqrscp import Dcmqrscp
 from tests.dicomdata import MR_IMAGE, PREFIX, make_instance, send_datasets, write_part10
 
 QR_AE = "DCMQR"
-START_DEADLINE = 20.0
 LONG_DESCRIPTION = "A study description far longer than any table cell may be"  # > 40 chars
 
 
@@ -39,24 +37,6 @@ class Archive:
     series: dict[str, list[str]] = field(default_factory=dict)  # Study UID -> Series UIDs
     instances: dict[str, list[str]] = field(default_factory=dict)  # Series UID -> SOP UIDs
     down_port: int = 0
-
-
-def _dcmqrscp_config(area: Path, port: int) -> str:
-    # One storage area under our AE title, open to any peer; no UserName/GroupName lines, so it
-    # does not try to switch to the "dcmtk" user. Quota: (max studies, max bytes per study).
-    return "\n".join([
-        f"NetworkTCPPort  = {port}",
-        "MaxPDUSize      = 65536",
-        "MaxAssociations = 16",
-        "HostTable BEGIN",
-        "HostTable END",
-        "VendorTable BEGIN",
-        "VendorTable END",
-        "AETable BEGIN",
-        f"{QR_AE}  {area}  RW  (100, 1024mb)  ANY",
-        "AETable END",
-        "",
-    ])
 
 
 def _generate(folder: Path, archive: Archive) -> list[Path]:
@@ -86,61 +66,24 @@ def _generate(folder: Path, archive: Archive) -> list[Path]:
     return paths
 
 
-def _echo(echoscu: Path, port: int) -> bool:
-    done = subprocess.run(
-        [str(echoscu), "-to", "2", "-aec", QR_AE, "127.0.0.1", str(port)],
-        capture_output=True, env=dcmtk_env(),
-    )
-    return done.returncode == 0
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    dcmqrscp, echoscu, storescu = (
-        dcmtk_tool("dcmqrscp"), dcmtk_tool("echoscu"), dcmtk_tool("storescu")
-    )
     base = tmp_path_factory.mktemp("dcmqrscp")
-    area = base / "area"
-    area.mkdir()
-    port = free_port()
-    (base / "dcmqrscp.cfg").write_text(_dcmqrscp_config(area, port), encoding="utf-8")
-    log = (base / "dcmqrscp.log").open("wb")
-    # Its own session: dcmqrscp forks a child per association (its single-process mode, -s,
-    # crashes after the first association in DCMTK 3.6.7), so the whole group is stopped.
-    process = subprocess.Popen(
-        [str(dcmqrscp), "-c", str(base / "dcmqrscp.cfg"), str(port)],
-        stdout=log, stderr=log, start_new_session=True, env=dcmtk_env(),
-    )
-    try:
-        ready = poll_until(lambda: process.poll() is not None or _echo(echoscu, port),
-                           START_DEADLINE, interval=0.05)
-        assert ready and process.poll() is None, (base / "dcmqrscp.log").read_text()
-
+    with Dcmqrscp(base, ae_title=QR_AE) as server:
         config = base / "node.yaml"
-        archive = Archive(port, config, {"FIND-P1": "Müller^Jürgen", "FIND-P2": "Doe^Jane"})
-        files = _generate(base / "files", archive)
-        stored = subprocess.run(
-            [str(storescu), "-aec", QR_AE, "127.0.0.1", str(port), *map(str, files)],
-            capture_output=True, text=True, env=dcmtk_env(),
-        )
-        assert stored.returncode == 0 and "E:" not in stored.stderr, stored.stderr
-
+        archive = Archive(server.port, config, {"FIND-P1": "Müller^Jürgen", "FIND-P2": "Doe^Jane"})
+        server.load(_generate(base / "files", archive))
         archive.down_port = free_port()  # nothing listens there
         config.write_text(yaml.safe_dump({
             "ae_title": "FINDSCU",
             "storage": "storage",
             "peers": {
-                QR_AE: {"host": "127.0.0.1", "port": port},
+                QR_AE: {"host": "127.0.0.1", "port": server.port},
                 "DOWN": {"host": "127.0.0.1", "port": archive.down_port},
-                "STRANGER": {"host": "127.0.0.1", "port": port},  # dcmqrscp does not know it
+                "STRANGER": {"host": "127.0.0.1", "port": server.port},  # unknown to dcmqrscp
             },
         }), encoding="utf-8")
         yield archive
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(10)
-        log.close()
 
 
 def find(where: Archive | Path, *args: str) -> subprocess.CompletedProcess[str]:

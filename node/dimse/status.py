@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
+from node.errors import (
+    DuplicateRejected,
+    InvalidDataset,
+    NodeError,
+    OutOfResources,
+    UnreadableDataset,
+)
+
 SUCCESS = 0x0000
 # PS3.7 C.3: 0x0001 and 0xBxxx are warnings.
 WARNING = 0x0001
@@ -31,6 +39,7 @@ SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
 # PS3.7 C.4 general status: the SOP Instance is already held (used with policy "reject").
 DUPLICATE_SOP_INSTANCE = 0x0111
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110  # PS3.7 C.4: general failure
 
 _ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 
@@ -63,6 +72,22 @@ def describe_status(status: int) -> str:
     if name is None and UNABLE_TO_PROCESS_FIRST <= status <= UNABLE_TO_PROCESS_LAST:
         name = "Unable to Process"
     return f"0x{status:04X}" + (f" ({name})" if name else "")
+
+
+# How a C-STORE (or a C-GET sub-operation the node receives) answers an instance the ingest
+# path refused (PS3.4 B.2.3).
+_STORE_FAILURES: list[tuple[type[NodeError], int]] = [
+    (UnreadableDataset, CANNOT_UNDERSTAND),
+    (InvalidDataset, DATASET_DOES_NOT_MATCH_SOP_CLASS),
+    (DuplicateRejected, DUPLICATE_SOP_INSTANCE),
+    (OutOfResources, OUT_OF_RESOURCES),
+]
+
+
+def store_failure(exc: NodeError) -> int:
+    """The C-STORE status for an instance the ingest path refused with ``exc``."""
+    return next((code for kind, code in _STORE_FAILURES if isinstance(exc, kind)),
+                PROCESSING_FAILURE)
 
 
 def status_dataset(status: int, comment: str | None = None) -> Dataset:

@@ -12,33 +12,19 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from node.dimse.status import (
-    CANNOT_UNDERSTAND,
-    DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    DUPLICATE_SOP_INSTANCE,
     OUT_OF_RESOURCES,
     SUCCESS,
     status_dataset,
+    store_failure,
 )
 from node.errors import (
-    DuplicateRejected,
-    InvalidDataset,
     NodeError,
-    OutOfResources,
-    UnreadableDataset,
 )
 from node.handlers.association import AssociationLog
 from node.index.writer import Source
 from node.ingest import Ingestor, Received
 
 log = logging.getLogger(__name__)
-
-_STATUS_OF: list[tuple[type[NodeError], int]] = [
-    (UnreadableDataset, CANNOT_UNDERSTAND),
-    (InvalidDataset, DATASET_DOES_NOT_MATCH_SOP_CLASS),
-    (DuplicateRejected, DUPLICATE_SOP_INSTANCE),
-    (OutOfResources, OUT_OF_RESOURCES),
-]
-
 
 def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog) -> Dataset | int:
     started = time.perf_counter()
@@ -59,7 +45,7 @@ def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog)
         outcome = ingestor.receive(item).value
         status = SUCCESS
     except NodeError as exc:
-        status = next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
+        status = store_failure(exc)
         comment = str(exc)
     except OSError as exc:  # an I/O error in the store: the sender may retry later
         log.error("C-STORE %s: store I/O error: %s", sop_instance, exc)

@@ -86,7 +86,8 @@ class Finder:
         conditions = dict(request.conditions)
         parts: list[ColumnBase] = []
         date, time = conditions.get("StudyDate", ""), conditions.get("StudyTime", "")
-        if "-" in date and "-" in time:  # combined date-time range (PS3.4 C.2.2.2.5.2)
+        if request.combined_date_time and "-" in date and "-" in time:
+            # One date-time range (PS3.4 C.2.2.2.5.2), as the SCU negotiated (C.5.1.1.2).
             parts.append(date_time_condition(KEYS["StudyDate"], KEYS["StudyTime"], date, time))
             del conditions["StudyDate"], conditions["StudyTime"]
         modalities = conditions.pop("ModalitiesInStudy", None)

@@ -40,6 +40,12 @@ class FindRequest:
     level: Level
     conditions: dict[str, str] = field(default_factory=dict)  # keyword -> value to match
     returned: tuple[Returned, ...] = ()
+    # Keys that carried a value but are not matched (treated as universal, PS3.4 C.2.2.1.3):
+    # the matches are then answered "optional keys not supported" (PS3.4 C.4.1.1.4).
+    unmatched: tuple[int, ...] = ()
+    # StudyDate and StudyTime ranges together form one date-time range only when the SCU
+    # negotiated Combined Date-Time Matching (PS3.4 C.2.2.2.5, C.5.1.1.2); else each alone.
+    combined_date_time: bool = False
 
 
 def _text(element: DataElement) -> str:
@@ -62,11 +68,13 @@ def _level(identifier: Dataset, root: Root) -> Level:
     return level
 
 
-def parse_request(identifier: Dataset, root: Root) -> FindRequest:
+def parse_request(identifier: Dataset, root: Root,
+                  combined_date_time: bool = False) -> FindRequest:
     """Check ``identifier`` against the information model and split it into match/return."""
     level = _level(identifier, root)
     conditions: dict[str, str] = {}
     returned: list[Returned] = []
+    unmatched: list[int] = []
     for element in identifier:
         tag = int(element.tag)
         # File Meta never belongs in an identifier; group lengths are ignored (PS3.5 7.2).
@@ -77,7 +85,9 @@ def parse_request(identifier: Dataset, root: Root) -> FindRequest:
         keyword = element.keyword or ""
         returned.append(Returned(tag, keyword, element.VR))
         if element.VR == "SQ":
-            continue  # sequence matching is not supported; the key is still returned
+            if element.value:  # sequence matching is not supported; the key is returned
+                unmatched.append(tag)
+            continue
         value = _text(element)
         if not value:
             continue  # universal matching (PS3.4 C.2.2.2.3)
@@ -87,6 +97,8 @@ def parse_request(identifier: Dataset, root: Root) -> FindRequest:
         )
         if matchable:
             conditions[keyword] = value
+        else:
+            unmatched.append(tag)
         # Other keys (lower levels, computed counts, unindexed attributes) are returned, not
         # matched: PS3.4 C.2.2.1.3 lets an SCP that does not support matching on a key
         # treat it as universal.
@@ -95,7 +107,8 @@ def parse_request(identifier: Dataset, root: Root) -> FindRequest:
     unique = UNIQUE_KEYS[level]
     if all(r.keyword != unique for r in returned):
         returned.insert(0, _returned_for(unique))
-    return FindRequest(root, level, conditions, tuple(returned))
+    return FindRequest(root, level, conditions, tuple(returned), tuple(unmatched),
+                       combined_date_time)
 
 
 def _returned_for(keyword: str) -> Returned:

@@ -44,3 +44,28 @@ class QueryFailed(RemoteError):
         super().__init__(message)
         self.status = status
         self.comment = comment
+
+
+class EchoFailed(RemoteError):
+    """The peer accepted the association but did not answer the C-ECHO with Success."""
+
+
+class RetrieveFailed(RemoteError):
+    """The peer answered a C-MOVE or C-GET with a failure or cancel status, or broke off."""
+
+    def __init__(self, message: str, status: int | None = None, comment: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.comment = comment
+
+
+class MoveDestinationUnknown(RetrieveFailed):
+    """The peer does not know the C-MOVE destination AE title (PS3.4 C.4.2.1.5: 0xA801).
+
+    Every further C-MOVE to that destination fails the same way, so a pull stops at once.
+    """
+
+
+class DestinationUnavailable(RemoteError):
+    """The node cannot receive C-MOVE results: it cannot listen on its port, and whatever holds
+    the port does not answer C-ECHO as the node's AE title."""

@@ -1,0 +1,314 @@
+"""What C-MOVE and C-GET share at the DIMSE edge: the exchange with the requester.
+
+``RetrieveService`` takes C-MOVE and C-GET requests off an association before pynetdicom's own
+Query/Retrieve service class sees them, because that class cannot serve them the way the node
+must: it sends only ``Dataset`` objects it re-encodes (never a stored file as it is), opens the
+C-MOVE association itself, answers an unreachable destination 0xA801 and puts empty UIDs in the
+Failed SOP Instance UID List (pynetdicom 3.0 service_class.py ``_move_scp``/``_get_scp``).  The
+handlers in ``node.handlers.move`` and ``get`` run on the association's reactor thread, as
+pynetdicom's would, and answer through a ``Retrieval``: Pending responses with the sub-operation
+counts, C-CANCEL checks between sub-operations, the final status and one INFO log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.presentation import PresentationContext
+
+from node.dimse.status import (
+    CANCELLED,
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES_MATCHES,
+    OUT_OF_RESOURCES_SUB_OPERATIONS,
+    PENDING,
+    SUB_OPERATIONS_COMPLETE_WITH_FAILURES,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+)
+from node.errors import OutOfResources
+from node.query.keys import Root
+from node.retrieve.plan import RetrievePlanner, StoredInstance
+from node.retrieve.request import InvalidRetrieve
+from node.scu.messages import C_GET_RSP, C_MOVE_RSP, retrieve_response, send_message
+from node.scu.send import Result, Sent
+
+log = logging.getLogger(__name__)
+
+# PS3.4 C.6.1.3, C.6.2.3: the retrieve SOP classes the node serves, and their model.
+MOVE_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.2": Root.PATIENT,  # Patient Root Q/R Information Model - MOVE
+    "1.2.840.10008.5.1.4.1.2.2.2": Root.STUDY,  # Study Root Q/R Information Model - MOVE
+}
+GET_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.3": Root.PATIENT,  # Patient Root Q/R Information Model - GET
+    "1.2.840.10008.5.1.4.1.2.2.3": Root.STUDY,  # Study Root Q/R Information Model - GET
+}
+# The sub-operation counts are US (PS3.7 9.3.3.2, 9.3.4.2): a retrieve of more cannot be told.
+MAX_SUB_OPERATIONS = 0xFFFF
+# (0008,0058) is UI: in an explicit VR identifier its value has a 2-byte length (PS3.5 7.1.2).
+_MAX_EXPLICIT_VALUE = 0xFFFE
+
+
+@dataclass
+class Tally:
+    """Sub-operation counts of one retrieve (PS3.4 C.4.2.1.6-9) and the UIDs that failed."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def all_failed(cls, instances: list[StoredInstance]) -> Tally:
+        return cls(0, failed=len(instances), failed_uids=[i.sop_instance_uid for i in instances])
+
+    def count(self, instance: StoredInstance, sent: Sent) -> None:
+        self.remaining -= 1
+        if sent.result is Result.COMPLETED:
+            self.completed += 1
+        elif sent.result is Result.WARNING:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(instance.sop_instance_uid)
+
+
+def final_status(tally: Tally, cancelled: bool) -> int:
+    """The final status of a retrieve whose sub-operations ended as ``tally`` says.
+
+    PS3.4 C.4.2.3.1 and C.4.3.3.1: Success if all sub-operations completed; Failure if all were
+    unsuccessful, for which the node answers 0xA702 "Refused: Out of resources - Unable to
+    perform sub-operations", the one failure of Tables C.4-2/C.4-3 whose related fields are the
+    sub-operation counts (also when the destination cannot be reached: that is every
+    sub-operation failing, not an unknown destination); Warning (0xB000) in every other case.
+    """
+    if cancelled:
+        return CANCELLED
+    if tally.failed == 0 and tally.warning == 0:
+        return SUCCESS
+    if tally.completed == 0 and tally.warning == 0:
+        return OUT_OF_RESOURCES_SUB_OPERATIONS
+    return SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+
+
+class Retrieval:
+    """One C-MOVE or C-GET request being answered on the requester's association."""
+
+    def __init__(self, assoc: Association, request: C_MOVE | C_GET,
+                 context: PresentationContext, root: Root) -> None:
+        self.assoc = assoc
+        self.request = request
+        self.context = context
+        self.root = root
+        self.service = "C-MOVE" if isinstance(request, C_MOVE) else "C-GET"
+        self.destination = ""  # C-MOVE: the Move Destination, for the log line
+        self.started = time.perf_counter()
+        self.finished = False
+        self._identifier: Dataset | None = None
+
+    @property
+    def message_id(self) -> int:
+        return int(self.request.MessageID or 0)
+
+    @property
+    def priority(self) -> int:
+        return int(self.request.Priority or 0)
+
+    @property
+    def move_destination(self) -> str:
+        """The C-MOVE's Move Destination AE title ('' for a C-GET)."""
+        return str(getattr(self.request, "MoveDestination", None) or "").strip()
+
+    @property
+    def requester(self) -> str:
+        return str(self.assoc.requestor.ae_title).strip()
+
+    def identifier(self) -> Dataset:
+        """The request's identifier, decoded in the context's transfer syntax."""
+        if self._identifier is None:
+            syntax = self.context.transfer_syntax[0]
+            encoded = cast(BytesIO, self.request.Identifier)  # is_valid_request: present
+            self._identifier = decode(encoded, syntax.is_implicit_VR, syntax.is_little_endian,
+                                      syntax.is_deflated)
+        return self._identifier
+
+    def is_cancelled(self) -> bool:
+        """True once a C-CANCEL for this request has arrived (pynetdicom keeps them apart)."""
+        return self.assoc.dimse.cancel_req.pop(self.message_id, None) is not None
+
+    @property
+    def requester_present(self) -> bool:
+        return bool(self.assoc.is_established)
+
+    def pending(self, tally: Tally) -> None:
+        """A Pending response with the counts so far (PS3.4 C.4.2.1.6-9; no identifier)."""
+        self._send(PENDING, tally, remaining=True)
+
+    def finish(self, status: int, tally: Tally | None = None, comment: str = "") -> None:
+        """The final response, and the INFO line that says how the retrieve went."""
+        tally = tally or Tally(0)
+        self.finished = True
+        if self.requester_present:
+            self._send(status, tally, remaining=status == CANCELLED, comment=comment)
+        log.log(
+            logging.INFO if status in (SUCCESS, CANCELLED) else logging.WARNING,
+            "%s %s (%s root) from %s%s: %d completed, %d failed, %d warning, status 0x%04X%s, "
+            "%.1f ms",
+            self.service, self._level(), self.root.value, self.requester or "?",
+            f" to {self.destination}" if self.destination else "", tally.completed,
+            tally.failed, tally.warning, status, f" ({comment})" if comment else "",
+            (time.perf_counter() - self.started) * 1000,
+        )
+
+    def _level(self) -> str:
+        try:
+            return str(self.identifier().get("QueryRetrieveLevel") or "?").strip()
+        except (ValueError, TypeError, EOFError, KeyError):
+            return "?"
+
+    def _send(self, status: int, tally: Tally, remaining: bool, comment: str = "") -> None:
+        # PS3.4 C.4.2.1.4.2: the Failed SOP Instance UID List goes with a final status when a
+        # sub-operation failed; no data set at all otherwise (and never with Pending).
+        identifier = None
+        if status != PENDING and tally.failed_uids:
+            identifier = self._failed_list(tally.failed_uids)
+        command = retrieve_response(
+            C_MOVE_RSP if self.service == "C-MOVE" else C_GET_RSP, self.message_id,
+            str(self.request.AffectedSOPClassUID), status,
+            # PS3.4 C.4.2.1.6: Remaining only while pending and (optionally) when cancelled.
+            (tally.remaining if remaining else None, tally.completed, tally.failed,
+             tally.warning),
+            comment, identifier is not None,
+        )
+        send_message(self.assoc, cast(int, self.context.context_id), command, identifier)
+
+    def _failed_list(self, uids: list[str]) -> bytes:
+        syntax = self.context.transfer_syntax[0]
+        if not syntax.is_implicit_VR:
+            uids = _fitting(uids, _MAX_EXPLICIT_VALUE)
+        ds = Dataset()
+        ds.FailedSOPInstanceUIDList = uids
+        encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        if encoded is None:
+            raise ValueError("the Failed SOP Instance UID List cannot be encoded")
+        return encoded
+
+
+def _fitting(uids: list[str], limit: int) -> list[str]:
+    """The first of ``uids`` whose backslash-joined value fits ``limit`` bytes."""
+    size = 0
+    for count, uid in enumerate(uids):
+        size += len(uid) + (1 if count else 0)
+        if size + size % 2 > limit:
+            log.warning("Failed SOP Instance UID List cut to %d of %d UIDs to fit the "
+                        "explicit VR encoding", count, len(uids))
+            return uids[:count]
+    return uids
+
+
+def matching_instances(retrieval: Retrieval,
+                       planner: RetrievePlanner) -> list[StoredInstance] | None:
+    """The instances the request names; None once the request is answered already (refused,
+    or nothing matches: Success with zero counts)."""
+    try:
+        instances = planner.plan(retrieval.identifier(), retrieval.root,
+                                 limit=MAX_SUB_OPERATIONS + 1)
+    except InvalidRetrieve as exc:
+        retrieval.finish(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, comment=str(exc))
+        return None
+    except OutOfResources as exc:
+        retrieval.finish(OUT_OF_RESOURCES_MATCHES, comment=str(exc))
+        return None
+    except (ValueError, TypeError, EOFError, KeyError) as exc:  # pydicom: undecodable identifier
+        retrieval.finish(UNABLE_TO_PROCESS, comment=f"identifier cannot be decoded: {exc}")
+        return None
+    if len(instances) > MAX_SUB_OPERATIONS:
+        retrieval.finish(UNABLE_TO_PROCESS,
+                         comment=f"more than {MAX_SUB_OPERATIONS} instances match")
+        return None
+    if not instances:
+        retrieval.finish(SUCCESS)  # nothing matches: complete, with zero counts
+        return None
+    return instances
+
+
+def run_sub_operations(retrieval: Retrieval, instances: list[StoredInstance],
+                       send: Callable[[StoredInstance], Sent]) -> tuple[Tally, bool]:
+    """Send ``instances`` one by one with a Pending response after each; (tally, cancelled).
+
+    A C-CANCEL is honoured between sub-operations (PS3.4 C.4.2.3.1); when the requester's
+    association ends, nothing more is sent (PS3.4 leaves the behaviour undefined).
+    """
+    tally = Tally(remaining=len(instances))
+    for instance in instances:
+        if retrieval.is_cancelled():
+            return tally, True
+        if not retrieval.requester_present:
+            break
+        sent = send(instance)
+        tally.count(instance, sent)
+        if sent.result is not Result.COMPLETED:
+            log.warning("%s sub-operation %s %s: %s", retrieval.service,
+                        instance.sop_instance_uid, sent.result.value, sent.detail)
+        if retrieval.requester_present:
+            retrieval.pending(tally)
+    return tally, False
+
+
+Handler = Callable[[Retrieval], None]
+
+
+class RetrieveService:
+    """Serves C-MOVE and C-GET on the retrieve contexts of the associations it is attached to."""
+
+    def __init__(self, move: Handler, get: Handler) -> None:
+        self.move = move
+        self.get = get
+
+    def attach(self, assoc: Association) -> None:
+        """Route the association's C-MOVE and C-GET requests to the node's handlers.
+
+        pynetdicom's reactor hands every request to ``Association._serve_request``; this wraps
+        it for the one association, and passes everything else on unchanged.
+        """
+        library = assoc._serve_request
+
+        def serve_request(msg: Any, context_id: int) -> None:
+            if not self._serve(assoc, msg, context_id):
+                library(msg, context_id)
+
+        assoc._serve_request = serve_request  # type: ignore[method-assign]
+
+    def _serve(self, assoc: Association, msg: Any, context_id: int) -> bool:
+        if not isinstance(msg, (C_MOVE, C_GET)) or not msg.is_valid_request:
+            return False
+        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id),
+                       None)
+        if context is None or assoc._sent_release:
+            return False  # pynetdicom aborts on a bad context, ignores requests after release
+        models = MOVE_MODELS if isinstance(msg, C_MOVE) else GET_MODELS
+        root = models.get(str(context.abstract_syntax))
+        if root is None:
+            return False
+        handler = self.move if isinstance(msg, C_MOVE) else self.get
+        retrieval = Retrieval(assoc, msg, context, root)
+        assoc.dimse.cancel_req = {}  # as pynetdicom: a C-CANCEL sent earlier is not for this one
+        try:
+            handler(retrieval)
+        except Exception:  # a bug: log it and answer, as pynetdicom does for its handlers
+            log.exception("%s handler failed", retrieval.service)
+            if not retrieval.finished:
+                retrieval.finish(UNABLE_TO_PROCESS, comment="internal error")
+        assoc.dimse.cancel_req = {}
+        return True
