@@ -36,26 +36,33 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import platform
 import random
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from common import (
+    HOST,
+    REPO,
+    BenchError,
+    NodeServer,
+    cpu_model,
+    interrupts_stop_children,
+    kernel,
+    nproc,
+    process_cpu_seconds,
+    python_version,
+    render_table,
+)
+
 NODE_AET = "DICOMNODE"
 SCU_AET = "FINDBENCH"
 
@@ -427,10 +434,6 @@ INSTANCE_FIELDS = [
 # filling the index
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
-
-
 @dataclass
 class FillInfo:
     storage: str
@@ -790,87 +793,19 @@ def check_answers(query: Query, answers: Sequence[Any]) -> list[str]:
 # the node
 
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
+class Node(NodeServer):
+    """``python -m node serve`` on the filled store, ready when a pynetdicom C-ECHO succeeds."""
 
+    poll_interval = 0.05
+    log_mode = "wb"
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Node:
-    """``python -m node serve`` on the filled store."""
-
-    def __init__(self, storage: Path, workdir: Path, python: str) -> None:
-        self.storage = storage
-        self.workdir = workdir
-        self.python = python
-        self.port = free_port()
+    def __init__(self, storage: Path, workdir: Path, python: str, ready_timeout: float) -> None:
+        super().__init__(workdir, ready_timeout, python=python, storage=storage,
+                         log_level="warning")
         self.log_path = workdir / "node.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
-    def start(self, ready_timeout: float) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "node.yaml"
-        config.write_text(
-            f"ae_title: {NODE_AET}\n"
-            f"bind: {HOST}\n"
-            f"port: {self.port}\n"
-            f"storage: {json.dumps(str(self.storage))}\n"
-            "log_level: warning\n"
-        )
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
-        self.proc = subprocess.Popen(
-            [self.python, "-m", "node", "serve", "-c", str(config)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _LIVE.add(self.proc)
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the node exited with status {self.proc.returncode} before "
-                                 f"answering C-ECHO\n{self.log_tail()}")
-            if echo_once(self.port):
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"the node did not answer C-ECHO on port {self.port} within "
-                                 f"{ready_timeout:g} s\n{self.log_tail()}")
-            time.sleep(0.05)  # poll interval
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "  (no node log)"
-        tail = "\n".join(f"    | {line}" for line in text[-lines:])
-        return f"  last lines of {self.log_path}:\n{tail}" if tail else "  (node log empty)"
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=grace)
-    _LIVE.discard(proc)
+    def ready(self) -> bool:
+        return echo_once(self.port)
 
 
 def _scu(dimse_timeout: float = 30.0) -> Any:
@@ -959,19 +894,6 @@ def run_find(assoc: Any, query: Query, model: Any) -> list[Any]:
     raise FindFailed("the response stream ended without a final status")
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system, all threads) of process ``pid`` so far."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def measure(
     port: int, node_pid: int, queries: Sequence[Query], repeat: int
 ) -> tuple[list[float], list[QueryResult]]:
@@ -1019,7 +941,7 @@ def measure(
                 result.matches = len(answers)
                 result.problems = check_answers(query, answers)
                 del answers
-                node0, scu0 = cpu_seconds(node_pid), time.process_time()
+                node0, scu0 = process_cpu_seconds(node_pid), time.process_time()
                 for _ in range(repeat):
                     started = time.perf_counter()
                     count = len(run_find(assoc, query, models[query.model]))
@@ -1027,7 +949,7 @@ def measure(
                     if count != result.matches:
                         result.problems.append(f"{count} answers on a repeat, "
                                                f"{result.matches} the first time")
-                node1, scu1 = cpu_seconds(node_pid), time.process_time()
+                node1, scu1 = process_cpu_seconds(node_pid), time.process_time()
                 result.scu_cpu_ms = (scu1 - scu0) * 1000 / repeat
                 if node0 is not None and node1 is not None:
                     result.node_cpu_ms = (node1 - node0) * 1000 / repeat
@@ -1055,18 +977,8 @@ def _progress(result: QueryResult) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        nproc = os.cpu_count() or 0
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {"nproc": nproc, "cpu": cpu, "kernel": platform.release(),
-                            "python": platform.python_version(),
+    info: dict[str, Any] = {"nproc": nproc(), "cpu": cpu_model(), "kernel": kernel(),
+                            "python": python_version(),
                             "sqlite": sqlite3.sqlite_version}
     with contextlib.suppress(ImportError):
         import pydicom
@@ -1084,7 +996,7 @@ def _ms(value: float | None) -> str:
 def table(results: Sequence[QueryResult], echo_ms: float | None) -> str:
     header = ("query", "level", "matches", "first ms", "median ms", "p95 ms", "beyond echo ms",
               "answers/s", "node CPU ms", "SCU CPU ms")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for r in results:
         beyond = None if r.median_ms is None or echo_ms is None else r.median_ms - echo_ms
         rate = (f"{r.matches / (r.median_ms / 1000):,.0f}"
@@ -1092,16 +1004,7 @@ def table(results: Sequence[QueryResult], echo_ms: float | None) -> str:
         matches = "FAIL" if r.error else f"{r.matches:,}" + ("" if not r.problems else " !")
         rows.append((r.name, r.level, matches, _ms(r.first_ms), _ms(r.median_ms),
                      _ms(r.p95_ms), _ms(beyond), rate, _ms(r.node_cpu_ms), _ms(r.scu_cpu_ms)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [
-            c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render_table(rows, left=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1141,25 +1044,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def interrupts_stop_node() -> Iterator[None]:
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        for proc in list(_LIVE):
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                stop_process(proc, grace=10.0)
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
-    with interrupts_stop_node():
+    with interrupts_stop_children():
         try:
             return _run(args, info)
         except KeyboardInterrupt:
@@ -1181,10 +1069,10 @@ def _run(args: argparse.Namespace, info: dict[str, Any]) -> int:
     if args.fill_only:
         return 0
     queries = build_queries(args.db / "index.sqlite", filled.patients)
-    node = Node(args.db, args.db.parent, args.python)
+    node = Node(args.db, args.db.parent, args.python, args.ready_timeout)
     try:
         started = time.perf_counter()
-        node.start(args.ready_timeout)
+        node.start()
         ready_s = time.perf_counter() - started
         assert node.proc is not None
         echoes, results = measure(node.port, node.proc.pid, queries, args.repeat)
