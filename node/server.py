@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import socket
@@ -11,9 +12,11 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
+from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
@@ -25,8 +28,9 @@ from node.dicom.contexts import (
 )
 from node.errors import StartupError
 from node.handlers.association import AssociationLog
+from node.handlers.direct import DirectRouter
 from node.handlers.echo import handle_echo
-from node.handlers.find import handle_find, negotiate_find_extensions
+from node.handlers.find import FindService, negotiate_find_extensions
 from node.handlers.get import handle_get
 from node.handlers.move import handle_move
 from node.handlers.retrieve_common import RetrieveService
@@ -56,6 +60,30 @@ class NodeAssociationServer(ThreadedAssociationServer):
         # pynetdicom's shutdown also unregisters from AE.start_server's list; we use make_server.
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+class _SupportedContext(PresentationContext):
+    """A supported context that pynetdicom can copy cheaply.
+
+    pynetdicom deep-copies the server's ~180 supported contexts for every association it
+    accepts (transport.py ``_create_association``), copying each UID through pydicom: tens of
+    milliseconds of CPU per association.  A context holds only immutable values and one list,
+    so a shallow copy with its own list is the same thing.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SupportedContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def _cheap_to_copy(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    cheap: list[PresentationContext] = []
+    for cx in contexts:
+        clone = _SupportedContext()
+        clone.__dict__.update(cx.__dict__)
+        cheap.append(clone)
+    return cheap
 
 
 def build_ae(config: NodeConfig) -> AE:
@@ -99,9 +127,9 @@ class RunningNode:
         self.thread.join(grace)
 
 
-def _tune_connection(event: Event, retrieve: RetrieveService) -> None:
+def _tune_connection(event: Event, router: DirectRouter) -> None:
     make_association_responsive(event.assoc)
-    retrieve.attach(event.assoc)
+    router.attach(event.assoc)
 
 
 def retrieve_service(services: Services) -> RetrieveService:
@@ -122,13 +150,13 @@ def start(services: Services) -> RunningNode:
     ae = build_ae(config)
     associations = AssociationLog()
     handlers = [
-        # C-MOVE and C-GET are taken off each association here, not through EVT_C_MOVE and
-        # EVT_C_GET: pynetdicom's service class behind those events re-encodes every instance
-        # (see node.handlers.retrieve_common).
-        (evt.EVT_CONN_OPEN, _tune_connection, [retrieve_service(services)]),
+        # C-FIND, C-MOVE and C-GET are taken off each association here, not through pynetdicom's
+        # events: its service classes encode every response (and re-encode every instance)
+        # through pydicom (node.handlers.direct, retrieve_common, find).
+        (evt.EVT_CONN_OPEN, _tune_connection,
+         [DirectRouter([retrieve_service(services).serve, FindService(services.finder).serve])]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingestor, associations]),
-        (evt.EVT_C_FIND, handle_find, [services.finder]),
         (evt.EVT_SOP_EXTENDED, negotiate_find_extensions),
         *associations.handlers(),
     ]
@@ -141,6 +169,7 @@ def start(services: Services) -> RunningNode:
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror}") from exc
     assert isinstance(server, NodeAssociationServer)
+    server.contexts = _cheap_to_copy(server.contexts)
     thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
     thread.start()
     return RunningNode(server, thread)

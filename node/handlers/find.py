@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import struct
 import time
-from collections.abc import Iterator
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
 
 from node.dimse.status import (
     CANCELLED,
@@ -18,12 +27,12 @@ from node.dimse.status import (
     PENDING_WARNING,
     SUCCESS,
     UNABLE_TO_PROCESS,
-    status_dataset,
 )
 from node.errors import NodeError, OutOfResources
 from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
+from node.scu.messages import find_response, send_message
 
 log = logging.getLogger(__name__)
 
@@ -32,41 +41,127 @@ _ROOTS = {
     "1.2.840.10008.5.1.4.1.2.2.1": Root.STUDY,  # Study Root Q/R Information Model - FIND
 }
 
-FindResponse = tuple[int | Dataset, Dataset | None]
 _UTF8 = convert_encodings([RESPONSE_CHARACTER_SET])  # what the engine encodes values in
 
 
-def handle_find(event: Event, finder: Finder) -> Iterator[FindResponse]:
-    started = time.perf_counter()
-    root = _ROOTS[str(event.request.AffectedSOPClassUID)]
-    matches = 0
-    final: int | Dataset = SUCCESS
-    syntax = event.context.transfer_syntax
-    implicit, little_endian = bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
-    try:
-        request = parse_request(event.identifier, root, _combined_date_time(event))
-        # PS3.4 C.4.1.1.4: 0xFF01 when a key's value was not used for matching.
-        pending = PENDING_WARNING if request.unmatched else PENDING
-        for identifier in finder.find(request):
-            if event.is_cancelled:  # PS3.4 C.4.1.3.1: C-CANCEL ends the query
-                final = CANCELLED
-                break
-            matches += 1
-            # Declare the identifier already in the context's encoding, so that pydicom
-            # writes the engine's pre-encoded elements as they are instead of decoding them.
-            identifier.set_original_encoding(implicit, little_endian, _UTF8)
-            yield pending, identifier
-    except InvalidQuery as exc:
-        final = status_dataset(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
-    except (TooManyMatches, OutOfResources) as exc:
-        final = status_dataset(OUT_OF_RESOURCES, str(exc))
-    except NodeError as exc:
-        final = status_dataset(UNABLE_TO_PROCESS, str(exc))
-    code = final if isinstance(final, int) else int(final.Status)
-    log.info("C-FIND %s root %s: %d matches, status 0x%04X, %.1f ms",
-             str(event.identifier.get("QueryRetrieveLevel", "?")), root.value, matches, code,
-             (time.perf_counter() - started) * 1000)
-    yield final, None
+class FindService:
+    """Answers C-FIND requests on the query contexts (a ``DirectService``, node.handlers.direct).
+
+    pynetdicom's own C-FIND service class builds and encodes two pydicom datasets per match
+    (the command set and the identifier), which costs more than finding the match.  The node
+    writes each response directly: the command set with struct, the identifier from the
+    engine's pre-encoded elements.
+    """
+
+    def __init__(self, finder: Finder) -> None:
+        self.finder = finder
+
+    def serve(self, assoc: Association, msg: Any, context: PresentationContext) -> bool:
+        if not isinstance(msg, C_FIND):
+            return False
+        root = _ROOTS.get(str(context.abstract_syntax))
+        if root is None:
+            return False
+        _Query(assoc, msg, context, root).answer(self.finder)
+        return True
+
+
+class _Query:
+    """One C-FIND request being answered on the requester's association."""
+
+    def __init__(self, assoc: Association, request: C_FIND, context: PresentationContext,
+                 root: Root) -> None:
+        self.assoc = assoc
+        self.root = root
+        self.message_id = int(request.MessageID or 0)
+        self.sop_class = str(request.AffectedSOPClassUID)
+        self.context_id = cast(int, context.context_id)
+        self.syntax = context.transfer_syntax[0]
+        self.encoded = cast(BytesIO, request.Identifier)
+
+    def answer(self, finder: Finder) -> None:
+        started = time.perf_counter()
+        matches = 0
+        status, comment, level = SUCCESS, "", "?"
+        try:
+            identifier = self._identifier()
+            level = str(identifier.get("QueryRetrieveLevel", "?"))
+            request = parse_request(identifier, self.root, _combined_date_time(
+                self.assoc, self.sop_class))
+            # PS3.4 C.4.1.1.4: 0xFF01 when a key's value was not used for matching.
+            pending = PENDING_WARNING if request.unmatched else PENDING
+            for match in finder.find(request):
+                # PS3.4 C.4.1.3.1: C-CANCEL ends the query (pynetdicom files it by Message ID).
+                if self.assoc.dimse.cancel_req.pop(self.message_id, None) is not None:
+                    status = CANCELLED
+                    break
+                if not self.assoc.is_established:
+                    return  # the requester aborted: nobody to answer
+                self._send(pending, encode_identifier(match, self.syntax))
+                matches += 1
+        except UndecodableIdentifier as exc:
+            status, comment = UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}"
+        except InvalidQuery as exc:
+            status, comment = IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)
+        except (TooManyMatches, OutOfResources) as exc:
+            status, comment = OUT_OF_RESOURCES, str(exc)
+        except NodeError as exc:
+            status, comment = UNABLE_TO_PROCESS, str(exc)
+        if self.assoc.is_established:
+            self._send(status, comment=comment)
+        log.log(logging.INFO if status in (SUCCESS, CANCELLED) else logging.WARNING,
+                "C-FIND %s root %s: %d matches, status 0x%04X%s, %.1f ms", level,
+                self.root.value, matches, status, f" ({comment})" if comment else "",
+                (time.perf_counter() - started) * 1000)
+
+    def _identifier(self) -> Dataset:
+        try:
+            return decode(self.encoded, bool(self.syntax.is_implicit_VR),
+                          bool(self.syntax.is_little_endian), bool(self.syntax.is_deflated))
+        except (ValueError, TypeError, EOFError, KeyError, struct.error) as exc:
+            raise UndecodableIdentifier(str(exc)) from exc
+
+    def _send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
+        command = find_response(self.message_id, self.sop_class, status, comment,
+                                identifier is not None)
+        send_message(self.assoc, self.context_id, command, identifier)
+
+
+class UndecodableIdentifier(NodeError):
+    """The request's identifier is not a dataset in the context's transfer syntax."""
+
+
+def encode_identifier(ds: Dataset, syntax: UID) -> bytes:
+    """``ds`` in ``syntax``: the engine's raw elements as they are, others through pydicom."""
+    if syntax.is_little_endian and not syntax.is_deflated:
+        raw = _raw_little_endian(ds, bool(syntax.is_implicit_VR))
+        if raw is not None:
+            return raw
+    ds.set_original_encoding(bool(syntax.is_implicit_VR), bool(syntax.is_little_endian), _UTF8)
+    encoded = encode(ds, bool(syntax.is_implicit_VR), bool(syntax.is_little_endian),
+                     bool(syntax.is_deflated))
+    if encoded is None:
+        raise NodeError("a match cannot be encoded")
+    return encoded
+
+
+def _raw_little_endian(ds: Dataset, implicit: bool) -> bytes | None:
+    """PS3.5 7.1: each element as tag, (VR,) length and value; None when an element is not a
+    pre-encoded text value (values read from a stored file go through pydicom)."""
+    parts: list[bytes] = []
+    for tag in sorted(ds.keys()):
+        element = ds.get_item(tag)
+        if not isinstance(element, RawDataElement) or element.VR is None:
+            return None
+        value, vr = cast(bytes, element.value), element.VR
+        if implicit:
+            parts.append(struct.pack("<HHI", tag.group, tag.element, len(value)))
+        elif vr in EXPLICIT_VR_LENGTH_32:
+            parts.append(struct.pack("<HH2s2xI", tag.group, tag.element, vr.encode(), len(value)))
+        else:
+            parts.append(struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), len(value)))
+        parts.append(value)
+    return b"".join(parts)
 
 
 # SOP Class Extended Negotiation for C-FIND (PS3.4 C.5.1.1.2, Table C.5-1): byte 1 relational
@@ -89,8 +184,7 @@ def negotiate_find_extensions(event: Event) -> dict[str, bytes]:
     return accepted
 
 
-def _combined_date_time(event: Event) -> bool:
+def _combined_date_time(assoc: Association, model: str) -> bool:
     """True when this association negotiated Combined Date-Time Matching for this model."""
-    model = str(event.request.AffectedSOPClassUID)
-    info = {str(k): v for k, v in event.assoc.acceptor.sop_class_extended.items()}.get(model, b"")
+    info = {str(k): v for k, v in assoc.acceptor.sop_class_extended.items()}.get(model, b"")
     return len(info) > _COMBINED_DATE_TIME and info[_COMBINED_DATE_TIME] == 1

@@ -1,13 +1,14 @@
 """What C-MOVE and C-GET share at the DIMSE edge: the exchange with the requester.
 
-``RetrieveService`` takes C-MOVE and C-GET requests off an association before pynetdicom's own
-Query/Retrieve service class sees them, because that class cannot serve them the way the node
-must: it sends only ``Dataset`` objects it re-encodes (never a stored file as it is), opens the
-C-MOVE association itself, answers an unreachable destination 0xA801 and puts empty UIDs in the
-Failed SOP Instance UID List (pynetdicom 3.0 service_class.py ``_move_scp``/``_get_scp``).  The
-handlers in ``node.handlers.move`` and ``get`` run on the association's reactor thread, as
-pynetdicom's would, and answer through a ``Retrieval``: Pending responses with the sub-operation
-counts, C-CANCEL checks between sub-operations, the final status and one INFO log line.
+``RetrieveService`` takes C-MOVE and C-GET requests off an association (a ``DirectService``,
+node.handlers.direct) before pynetdicom's own Query/Retrieve service class sees them, because
+that class cannot serve them the way the node must: it sends only ``Dataset`` objects it
+re-encodes (never a stored file as it is), opens the C-MOVE association itself, answers an
+unreachable destination 0xA801 and puts empty UIDs in the Failed SOP Instance UID List
+(pynetdicom 3.0 service_class.py ``_move_scp``/``_get_scp``).  The handlers in
+``node.handlers.move`` and ``get`` run on the association's reactor thread, as pynetdicom's
+would, and answer through a ``Retrieval``: Pending responses with the sub-operation counts,
+C-CANCEL checks between sub-operations, the final status and one INFO log line.
 """
 
 from __future__ import annotations
@@ -276,39 +277,20 @@ class RetrieveService:
         self.move = move
         self.get = get
 
-    def attach(self, assoc: Association) -> None:
-        """Route the association's C-MOVE and C-GET requests to the node's handlers.
-
-        pynetdicom's reactor hands every request to ``Association._serve_request``; this wraps
-        it for the one association, and passes everything else on unchanged.
-        """
-        library = assoc._serve_request
-
-        def serve_request(msg: Any, context_id: int) -> None:
-            if not self._serve(assoc, msg, context_id):
-                library(msg, context_id)
-
-        assoc._serve_request = serve_request  # type: ignore[method-assign]
-
-    def _serve(self, assoc: Association, msg: Any, context_id: int) -> bool:
-        if not isinstance(msg, (C_MOVE, C_GET)) or not msg.is_valid_request:
+    def serve(self, assoc: Association, msg: Any, context: PresentationContext) -> bool:
+        """A ``DirectService`` (node.handlers.direct): take C-MOVE and C-GET requests."""
+        if not isinstance(msg, (C_MOVE, C_GET)):
             return False
-        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id),
-                       None)
-        if context is None or assoc._sent_release:
-            return False  # pynetdicom aborts on a bad context, ignores requests after release
         models = MOVE_MODELS if isinstance(msg, C_MOVE) else GET_MODELS
         root = models.get(str(context.abstract_syntax))
         if root is None:
             return False
         handler = self.move if isinstance(msg, C_MOVE) else self.get
         retrieval = Retrieval(assoc, msg, context, root)
-        assoc.dimse.cancel_req = {}  # as pynetdicom: a C-CANCEL sent earlier is not for this one
         try:
             handler(retrieval)
         except Exception:  # a bug: log it and answer, as pynetdicom does for its handlers
             log.exception("%s handler failed", retrieval.service)
             if not retrieval.finished:
                 retrieval.finish(UNABLE_TO_PROCESS, comment="internal error")
-        assoc.dimse.cancel_req = {}
         return True

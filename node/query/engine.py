@@ -147,8 +147,8 @@ class Finder:
     def _identifier(self, request: FindRequest, values: dict[str, Any],
                     from_file: list[Returned]) -> Dataset:
         ds = Dataset()
-        ds.SpecificCharacterSet = RESPONSE_CHARACTER_SET
-        ds.QueryRetrieveLevel = request.level.name
+        ds[_CHARSET.tag] = _CHARSET
+        ds[_LEVELS[request.level].tag] = _LEVELS[request.level]
         stored = self._read_file(values.get(_FILE_DIGEST), from_file) if from_file else None
         for returned in request.returned:
             if stored is not None and returned.tag in stored:
@@ -199,6 +199,16 @@ def _encoded(returned: Returned, value: Any) -> RawDataElement:
         if len(data) % 2:  # PS3.5 7.1.1: even length; UI pads with NUL, text with a space
             data += b"\0" if returned.vr == "UI" else b" "
     return RawDataElement(BaseTag(returned.tag), returned.vr, len(data), data, 0, False, True)
+
+
+def _text_element(tag: int, vr: str, text: str) -> RawDataElement:
+    data = (text + " " * (len(text) % 2)).encode("ascii")  # PS3.5 7.1.1: even length
+    return RawDataElement(BaseTag(tag), vr, len(data), data, 0, False, True)
+
+
+# Every match carries the response character set and its level, ready encoded.
+_CHARSET = _text_element(0x00080005, "CS", RESPONSE_CHARACTER_SET)
+_LEVELS = {level: _text_element(0x00080052, "CS", level.name) for level in Level}
 
 
 def _computed_at(keyword: str, request: FindRequest) -> Level | None:

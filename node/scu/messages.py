@@ -182,3 +182,21 @@ def _single(context_id: int, piece: bytes, last: bool) -> P_DATA:
     pdu = P_DATA()
     pdu.presentation_data_value_list.append((context_id, bytes([_LAST if last else 0]) + piece))
     return pdu
+
+
+C_FIND_RSP = 0x8020
+
+
+def find_response(message_id: int, sop_class: str, status: int, comment: str = "",
+                  identifier: bool = False) -> bytes:
+    """A C-FIND-RSP command set (PS3.7 Table 9.3-3); Pending ones carry an identifier."""
+    elements = [
+        _uid(0x0002, sop_class),
+        _us(0x0100, C_FIND_RSP),
+        _us(0x0120, message_id),
+        _us(0x0800, _DATASET_PRESENT if identifier else _NO_DATASET),
+        _us(0x0900, status),
+    ]
+    if comment:
+        elements.append(_text(0x0902, comment[:64]))  # Error Comment is LO
+    return _command(*elements)

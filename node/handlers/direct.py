@@ -1,0 +1,55 @@
+"""Serve some DIMSE requests before pynetdicom's service classes see them.
+
+pynetdicom's reactor hands every complete request to ``Association._serve_request``, which
+runs the library's service class for it (decode, call the event handler, encode each response
+through pydicom).  For the services whose cost is per response or per sub-operation (C-FIND
+matches, C-MOVE/C-GET sub-operations) the node answers itself with directly encoded messages
+(``node.scu.messages``).  A ``DirectRouter`` attached to an association offers each request
+to the node's direct services in turn and passes on to the library whatever none of them
+takes.
+
+This relies on pynetdicom 3.0 internals (``_serve_request``, ``_sent_release``,
+``dimse.cancel_req``), which is why pynetdicom is pinned to 3.0.x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+# Takes the request (returning True once it is answered) or declines it (False).
+DirectService = Callable[[Association, Any, PresentationContext], bool]
+
+
+class DirectRouter:
+    """Offers each request of the associations it is attached to to the direct services."""
+
+    def __init__(self, services: Sequence[DirectService]) -> None:
+        self.services = tuple(services)
+
+    def attach(self, assoc: Association) -> None:
+        """Wrap ``assoc._serve_request`` for this one association."""
+        library = assoc._serve_request
+
+        def serve_request(msg: Any, context_id: int) -> None:
+            if not self._serve(assoc, msg, context_id):
+                library(msg, context_id)
+
+        assoc._serve_request = serve_request  # type: ignore[method-assign]
+
+    def _serve(self, assoc: Association, msg: Any, context_id: int) -> bool:
+        if assoc._sent_release or not getattr(msg, "is_valid_request", False):
+            return False  # pynetdicom ignores requests after release, answers invalid ones
+        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id),
+                       None)
+        if context is None:
+            return False  # pynetdicom aborts on a request on a context never accepted
+        # pynetdicom's rule: a C-CANCEL that arrived before this request is not for it.
+        assoc.dimse.cancel_req = {}
+        try:
+            return any(service(assoc, msg, context) for service in self.services)
+        finally:
+            assoc.dimse.cancel_req = {}
