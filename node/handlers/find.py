@@ -122,6 +122,8 @@ class _Query:
             raise UndecodableIdentifier(str(exc)) from exc
 
     def _send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
+        # One response per PDU: PDVs of several messages in one P-DATA-TF PDU are legal, but
+        # pynetdicom 3.0 (and so many SCUs built on it) drops all after the first message.
         command = find_response(self.message_id, self.sop_class, status, comment,
                                 identifier is not None)
         send_message(self.assoc, self.context_id, command, identifier)
