@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,23 @@ SETTINGS: dict[str, Setting] = {
     "find_max_matches": Setting(_non_negative_int, 0, "C-FIND answers at most this (0: all)"),
 }
 
+# Keys a running node takes on when it reloads its configuration (SIGHUP, node.config_reload).
+# Every other key went into something built once at start-up (the listening socket, the AE's
+# title and limits, the store, the index connection, the C-FIND engine), so changing it needs a
+# restart; a new key is in that group until someone makes it live and lists it here.
+LIVE_KEYS = frozenset({"peers", "log_level", "stop_grace"})
+
+
+def changed_keys(old: NodeConfig, new: NodeConfig) -> list[str]:
+    """The settings whose values differ between two configs, in NodeConfig's field order.
+
+    Values are compared as parsed (paths resolved, defaults filled in), so rewriting a value
+    in another form is not a change; ``source`` says where a config came from, not what it is.
+    """
+    return [f.name for f in fields(NodeConfig)
+            if f.name != "source" and getattr(old, f.name) != getattr(new, f.name)]
+
+
 _PEER_KEYS = {"host", "port"}  # required
 _PEER_OPTIONAL = {"move_destination"}
 
@@ -281,6 +298,8 @@ def load_config(path: Path | None) -> NodeConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,14 +1,21 @@
-"""Build the application entity from the config and the services, run it, stop it cleanly."""
+"""Build the application entity from the config and the services, run it, stop it cleanly.
+
+``serve`` is the daemon: signals (SIGTERM/SIGINT stop, SIGHUP reloads the config) are turned
+into work in the main thread's loop, and systemd is told when the node is ready, reloading and
+stopping (node.systemd).
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
 import socket
 import socketserver
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -20,13 +27,14 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
+from node.config_reload import reload_config
 from node.dicom.contexts import (
     query_contexts,
     retrieve_contexts,
     storage_contexts,
     verification_contexts,
 )
-from node.errors import StartupError
+from node.errors import NodeError, StartupError
 from node.handlers.association import AssociationLog
 from node.handlers.direct import DirectRouter
 from node.handlers.echo import handle_echo
@@ -36,11 +44,18 @@ from node.handlers.move import handle_move
 from node.handlers.retrieve_common import RetrieveService
 from node.handlers.store import handle_store
 from node.latency import make_association_responsive
+from node.logs import setup_logging
 from node.recovery import sweep
 from node.scu.send import Outgoing
 from node.services import Services, open_services
+from node.systemd import Notifier, Watchdog, watchdog_interval
 
 log = logging.getLogger(__name__)
+
+# After aborting an association, how long its handler may take to finish (see RunningNode.stop).
+ABORT_WAIT = 2.0
+# How often serve's loop checks, between signals, that the listener thread still runs.
+LIVENESS_CHECK = 5.0
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
@@ -119,11 +134,21 @@ class RunningNode:
         """Stop accepting, let associations in flight finish for ``grace`` seconds, then abort."""
         self.server.shutdown()
         deadline = time.monotonic() + grace
-        for assoc in list(self.server.active_associations):
+        still_open = list(self.server.active_associations)
+        if still_open:
+            log.info("no longer accepting associations; %d open, given up to %g s to finish",
+                     len(still_open), grace)
+        for assoc in still_open:
             assoc.join(max(0.0, deadline - time.monotonic()))
             if assoc.is_alive():
-                log.warning("aborting an association still open after %.0f s", grace)
+                log.warning("aborting an association still open after %g s", grace)
                 assoc.abort()
+                # pynetdicom runs handlers in the association's thread, so a C-STORE may be
+                # between its file and its index row: let it end before the index closes.  Its
+                # response cannot be sent any more (the association is gone), so nothing is
+                # acknowledged that is not kept; a file left without a row is swept at the
+                # next start (node.recovery).
+                assoc.join(ABORT_WAIT)
         self.thread.join(grace)
 
 
@@ -175,17 +200,44 @@ def start(services: Services) -> RunningNode:
     return RunningNode(server, thread)
 
 
-def serve(config: NodeConfig) -> None:
-    """Run the node in the foreground until SIGTERM or SIGINT."""
-    stop_requested = threading.Event()
+class _Signals:
+    """SIGTERM/SIGINT (stop) and SIGHUP (reload) as flags for ``serve``'s loop.
 
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop_requested.set()
+    The handlers only record the signal and wake the loop; stopping and reloading run in the
+    main thread's loop, outside the signal handler.
+    """
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.stop: str | None = None  # name of the signal that asked to stop
+        self.reloads = 0  # SIGHUPs received; only the handler writes it
 
+    def install(self) -> None:
+        # Before anything else: SIGHUP's default action would end the process.
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = signal.Signals(signum).name
+        self.wake.set()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reloads += 1
+        self.wake.set()
+
+
+def serve(config: NodeConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Run the node in the foreground: SIGHUP reloads the config, SIGTERM or SIGINT stops it.
+
+    ``environ`` (default: the process environment) may name systemd's notification socket and
+    watchdog (node.systemd).  Raises StartupError when the node cannot start, NodeError when
+    the listener stops on its own.
+    """
+    environ = os.environ if environ is None else environ
+    signals = _Signals()
+    signals.install()
+    notifier = Notifier.from_environment(environ)
     services = open_services(config)
     try:
         sweep(services.store)
@@ -195,8 +247,45 @@ def serve(config: NodeConfig) -> None:
             config.ae_title, config.bind, node.port, config.storage,
             config.database.describe(),
         )
-        stop_requested.wait()
-        node.stop(config.stop_grace)
+        notifier.ready(f"serving {config.ae_title} on {config.bind}:{node.port}")
+        stopping = threading.Event()
+        interval = watchdog_interval(environ, os.getpid())
+        # Once stopping, the listener is meant to be gone: the pings go on until the end.
+        watchdog = (Watchdog(notifier, interval,
+                             lambda: stopping.is_set() or node.thread.is_alive())
+                    if interval is not None else None)
+        if watchdog is not None:
+            watchdog.start()
+        try:
+            _run(node, services, signals, notifier)
+        finally:
+            stopping.set()
+            notifier.stopping()
+            node.stop(services.config.stop_grace)
+            if watchdog is not None:
+                watchdog.stop()
     finally:
         services.close()
     log.info("stopped")
+
+
+def _run(node: RunningNode, services: Services, signals: _Signals, notifier: Notifier) -> None:
+    """The main thread's loop: reload on SIGHUP, return on SIGTERM/SIGINT."""
+    reloads_done = 0
+    while True:
+        signals.wake.wait(LIVENESS_CHECK)
+        signals.wake.clear()  # before reading the flags, so a signal now wakes the next wait
+        if signals.stop is not None:
+            log.info("received %s, stopping", signals.stop)
+            return
+        if signals.reloads != reloads_done:
+            reloads_done = signals.reloads  # several SIGHUPs in a row: one reload reads them all
+            notifier.reloading()
+            result = reload_config(services.live)
+            if result.applied and "log_level" in result.changed:
+                setup_logging(services.config.log_level)
+            notifier.reloaded(result.status())
+        if not node.thread.is_alive():
+            # serve_forever ended by itself: exit non-zero so systemd (Restart=on-failure)
+            # starts the node again, rather than run on deaf.
+            raise NodeError("the DICOM listener stopped unexpectedly")

@@ -1,6 +1,8 @@
 """The parts every handler and command is handed: config, store, index, ingest and retrieve.
 
 Built once from the config by ``open_services``; nothing else in the node reads global state.
+The config is held in a ``LiveConfig`` that a reload (SIGHUP) may swap; the parts built here
+take only keys that cannot change while the node runs (node.config.LIVE_KEYS).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from peewee import Database, PeeweeException
 
 from node.config import NodeConfig, Peer
+from node.config_reload import LiveConfig
 from node.errors import StartupError
 from node.index.database import connect, ensure_schema
 from node.index.writer import IndexWriter
@@ -22,7 +25,7 @@ from node.store import Store
 
 @dataclass(frozen=True)
 class Services:
-    config: NodeConfig
+    live: LiveConfig
     db: Database
     store: Store
     index: IndexWriter
@@ -30,10 +33,15 @@ class Services:
     finder: Finder
     planner: RetrievePlanner
 
+    @property
+    def config(self) -> NodeConfig:
+        """The configuration in force now (it may be replaced by a reload)."""
+        return self.live.current
+
     def peers(self) -> Mapping[str, Peer]:
         """The peers as configured now, by AE title; ask again for each request (C-MOVE
         destinations), so that a configuration reloaded while the node runs applies."""
-        return self.config.peers
+        return self.live.current.peers
 
     def close(self) -> None:
         self.store.close()
@@ -61,7 +69,7 @@ def open_services(config: NodeConfig) -> Services:
         raise StartupError(f"cannot open index {config.database.describe()}: {exc}") from exc
     index = IndexWriter(db, retries=config.database_retries)
     return Services(
-        config=config,
+        live=LiveConfig(config),
         db=db,
         store=store,
         index=index,
