@@ -16,7 +16,12 @@ def setup_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the log level of a running node (a reload): the handlers stay as they are."""
+    logging.getLogger().setLevel(level)
     # pynetdicom logs every PDU at INFO and dataset contents at DEBUG (patient data).
     debug = level == "DEBUG"
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)

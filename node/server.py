@@ -44,7 +44,7 @@ from node.handlers.move import handle_move
 from node.handlers.retrieve_common import RetrieveService
 from node.handlers.store import handle_store
 from node.latency import make_association_responsive
-from node.logs import setup_logging
+from node.logs import set_level
 from node.recovery import sweep
 from node.scu.send import Outgoing
 from node.services import Services, open_services
@@ -283,7 +283,7 @@ def _run(node: RunningNode, services: Services, signals: _Signals, notifier: Not
             notifier.reloading()
             result = reload_config(services.live)
             if result.applied and "log_level" in result.changed:
-                setup_logging(services.config.log_level)
+                set_level(services.config.log_level)
             notifier.reloaded(result.status())
         if not node.thread.is_alive():
             # serve_forever ended by itself: exit non-zero so systemd (Restart=on-failure)
