@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node import __version__
+from node.cli_maintenance import (
+    import_arguments,
+    reindex_arguments,
+    run_import,
+    run_reindex,
+    run_stats,
+    run_verify,
+    stats_arguments,
+    verify_arguments,
+)
 from node.config import ConfigError, NodeConfig, load_config
 from node.errors import NodeError
 from node.index.database import SchemaMismatch
@@ -280,12 +290,23 @@ COMMANDS: dict[str, tuple[Command, str]] = {
         _pull, "fetch studies from a peer PACS onto this node (C-MOVE or C-GET), skipping what "
         "it already holds",
     ),
+    "import": (run_import, "store DICOM files or folders from disk, as if received by C-STORE"),
+    "verify": (
+        run_verify, "check every indexed file is present and intact and every file indexed; "
+        "--repair to fix",
+    ),
+    "reindex": (run_reindex, "rebuild the whole index from the store (serve must be stopped)"),
+    "stats": (run_stats, "counts per level, store size, top modalities, last received"),
 }
 # Arguments a command takes besides -c/--config.
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "find": _find_arguments,
     "echo": _echo_arguments,
     "pull": _pull_arguments,
+    "import": import_arguments,
+    "verify": verify_arguments,
+    "reindex": reindex_arguments,
+    "stats": stats_arguments,
 }
 
 

@@ -240,7 +240,9 @@ def serve(config: NodeConfig, environ: Mapping[str, str] | None = None) -> None:
     notifier = Notifier.from_environment(environ)
     services = open_services(config)
     try:
-        sweep(services.store)
+        # A crash leaves at most one unacknowledged file per writer in flight: the
+        # associations, and a pull's or an import's workers beside them.
+        sweep(services.store, max_orphans=4 * config.max_associations + 64)
         node = start(services)
         log.info(
             "%s listening on %s:%d; store %s; index %s",

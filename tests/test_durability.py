@@ -62,8 +62,30 @@ def test_startup_sweeps_temporary_and_unindexed_files(node: NodeProcess) -> None
     node.start()
     assert not leftover.exists()
     assert not orphan.exists()
+    assert (node.storage / "quarantine" / digest).read_bytes() == orphan_bytes  # moved aside
     assert node.stored_files() == kept
     assert "removed 1 temporary and 1 unindexed" in node.log()
+
+
+def test_a_lost_index_stops_the_start_and_removes_nothing(node: NodeProcess) -> None:
+    """Without its database every stored file looks unindexed: the sweep must not take that
+    for crash leftovers (the store is what `dicom-node reindex` rebuilds the index from)."""
+    sent = [make_instance(InstanceNumber=i) for i in range(3)]
+    assert [s.status for s in send_datasets(node.port, sent)] == [0] * 3
+    files = node.stored_files()
+    assert node.stop() == 0
+    for path in node.storage.glob("index.sqlite*"):
+        path.unlink()
+    try:
+        node.start()
+    except RuntimeError:
+        pass  # expected: the node refuses to start
+    else:
+        raise AssertionError("the node started on a store whose index was lost")
+    assert node.process is not None and node.process.wait(30) != 0
+    assert "all 3 stored files have no index row" in node.log()
+    assert "dicom-node reindex" in node.log()
+    assert node.stored_files() == files
 
 
 def test_sweep_waits_while_another_process_has_the_store_open(node: NodeProcess) -> None:
