@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from node.cli import COMMANDS
 from tests.conftest import REPO
 
-SUBCOMMANDS = ["serve", "check-config"]
+SUBCOMMANDS = list(COMMANDS)  # every subcommand: --help, -c after its name
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
