@@ -649,7 +649,8 @@ def _short(path: str) -> str:
 # A stack is counted as waiting, not working, when its innermost line sleeps or waits (py-spy's
 # own idle filter lets time.sleep and lock waits through) or when it is the listener's loop
 # (socketserver's select with a timeout).  pynetdicom's select(..., 0) polls count as work.
-_WAIT_CALLS = ("sleep(", ".wait(", ".acquire(")
+# A queue's get() and a poll() block in C as well (no dict.get takes no argument).
+_WAIT_CALLS = ("sleep(", ".wait(", ".acquire(", ".poll(", ".get()", ".get(block=True")
 _IDLE_FUNCTIONS = ("serve_forever",)
 # frames every stack of a thread has: left out of the inclusive ranking
 _SCAFFOLD = ("threading.py", "socketserver.py", "<frozen runpy>", "node/__main__.py")
@@ -662,8 +663,9 @@ def _waiting(frames: Sequence[tuple[str, str, int]]) -> bool:
     return any(call in linecache.getline(path, line) for call in _WAIT_CALLS)
 
 
+# The node's own files, wherever --repo puts its tree (site-packages hold no node/ package).
 _AREAS = (("pydicom/", "pydicom"), ("pynetdicom/", "pynetdicom"), ("peewee", "peewee/SQLite"),
-          (f"{REPO}/node/", "node"))
+          ("/node/", "node"))
 
 
 def _area(frames: Sequence[tuple[str, str, int]]) -> str:

@@ -5,17 +5,29 @@ so every DIMSE message waits up to a millisecond before it is read or its respon
 On one association that caps a C-STORE SCP at about 350 instances/s whatever the handler does.
 Polling faster all the time would burn CPU on idle associations, so the delay adapts: short
 for a moment after the last data from the peer, the library's default after that.
+
+A ``ResponsiveDUL`` also lets the node's own retrieve code skip the DUL thread on its hot path
+(``node.scu.messages``): ``send_now`` writes whole P-DATA-TF PDUs on the socket from the calling
+thread, in order with whatever was queued before, and ``socket_lent`` keeps the DUL from reading
+while the caller reads one expected response itself.  Each hand-over between the caller and the
+DUL thread costs a wake-up and a GIL switch, and a C-STORE sub-operation has two of them.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +35,33 @@ BUSY_DELAY = 0.0001
 IDLE_DELAY = 0.001  # pynetdicom's own default
 BUSY_WINDOW = 0.05  # seconds after the last received data during which the peer counts as busy
 REACTOR_TICK = 0.001  # the acceptor reactor's longest wait between checks (pynetdicom's tick)
+DRAIN_POLL = 0.0001  # send_now: seconds between looks at whether the DUL's queue is written
 
 
 class ResponsiveDUL(DULServiceProvider):
-    """A DUL whose poll interval depends on how recently data went either way."""
+    """A DUL whose poll interval depends on how recently data went either way, and which can
+    let the caller write PDUs and read a response itself (see the module docstring)."""
 
     _last_sent = 0.0  # time.monotonic() of the last PDU the association handed over to send
+    _last_read = 0.0  # time.monotonic() of the last PDU the DUL itself read
+    # Set by make_responsive (the class is swapped on a DUL that exists already):
+    _reading: threading.Lock  # held while the DUL reads the socket, and to lend it
+    # Held while one whole PDU is written, by the DUL or by send_now (reentrant: an EVT_PDU_SENT
+    # handler, run under it on the DUL thread, may queue another PDU).
+    _writing: threading.RLock
+    _unsent = 0  # PDUs handed to the DUL and not written yet (under _writing)
+    _lent = False  # a caller reads the socket (socket_lent)
 
     @property
     def _run_loop_delay(self) -> float:
-        # The idle timer restarts on every received PDU (pynetdicom DULServiceProvider.run).
-        started = self._idle_timer._start_time
-        if started is not None and time.time() - started < BUSY_WINDOW:
+        if self._lent:
+            return IDLE_DELAY  # the caller reads the socket; the DUL has nothing to hurry for
+        now = time.monotonic()
+        if now - self._last_read < BUSY_WINDOW:
             return BUSY_DELAY
         # A stream of responses (C-FIND matches, C-GET sub-operations) receives nothing for a
         # while: each PDU queued for sending would otherwise wait for the idle tick.
-        if time.monotonic() - self._last_sent < BUSY_WINDOW:
+        if now - self._last_sent < BUSY_WINDOW:
             return BUSY_DELAY
         return IDLE_DELAY
 
@@ -48,12 +71,93 @@ class ResponsiveDUL(DULServiceProvider):
 
     def send_pdu(self, primitive: Any) -> None:
         self._last_sent = time.monotonic()
+        if isinstance(primitive, P_DATA):
+            with self._writing:
+                self._unsent += 1
         super().send_pdu(primitive)
+
+    def _send(self, pdu: Any) -> None:
+        with self._writing:
+            if isinstance(pdu, P_DATA_TF):  # only DT-1/AR-7 send these, from send_pdu's queue
+                self._unsent -= 1
+            super()._send(pdu)
+
+    def _is_transport_event(self) -> bool:
+        # While a caller holds the socket (socket_lent) the DUL does not read it: to the DUL's
+        # loop that is a look that found no data.  Once the association leaves data transfer
+        # (an abort, from any thread) the DUL reads again, to see the connection through.
+        with self._reading:
+            if self._lent and self.state_machine.current_state == "Sta6":
+                return False
+            if super()._is_transport_event():  # (pynetdicom then restarts the idle timer)
+                self._last_read = time.monotonic()
+                return True
+            return False
+
+    def _plain_socket(self) -> socket.socket | None:
+        """The connection's socket while it carries P-DATA (PS3.8 9.2 state Sta6), else None.
+
+        TLS sockets are left to the DUL alone: an SSL object is not to be read and written
+        from two threads at once.
+        """
+        transport = self.socket
+        raw = getattr(transport, "socket", None)
+        if type(raw) is not socket.socket or self.state_machine.current_state != "Sta6":
+            return None
+        return raw
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> bool:
+        """Write ``data`` (whole encoded P-DATA-TF PDUs) from the calling thread; False when
+        the DUL must send them instead (not in data transfer, TLS).
+
+        PDUs queued through ``send_pdu`` before are written first, so messages keep their
+        order (PS3.8 9.3.5: a message's fragments are not interleaved with another's).  Raises
+        OSError when the write fails (the DUL finds the broken connection on its next read).
+        """
+        if self._unsent > 0:
+            wait = threading.Event()  # never set: a bounded pause while the DUL writes
+            while self._unsent > 0 and self._plain_socket() is not None:
+                wait.wait(DRAIN_POLL)
+        with self._writing:
+            raw = self._plain_socket()
+            if raw is None:
+                return False
+            raw.sendall(data)
+            return True
+
+    @contextmanager
+    def socket_lent(self) -> Iterator[socket.socket | None]:
+        """The socket, which the DUL does not read until the block ends; None when the next
+        PDU is the DUL's to read (a message half received, a PDU read but not yet handled,
+        not in data transfer, TLS).  The caller takes off it only what it fully understands.
+        """
+        lent = None
+        with self._reading:  # waits while the DUL reads a PDU
+            raw = self._plain_socket()
+            if raw is not None and not self._lent and self.assoc.dimse.message is None and (
+                self._recv_pdu.empty() and self.event_queue.empty()
+            ):
+                self._lent, lent = True, raw
+        if lent is None:
+            yield None
+            return
+        try:
+            yield lent
+        finally:
+            self._lent = False
+
+    def received(self) -> None:
+        """A caller read a PDU from a lent socket: the peer is alive (network idle timer)."""
+        self._idle_timer.restart()
 
 
 def make_responsive(dul: DULServiceProvider) -> None:
     """Switch an association's DUL (before it starts serving) to the adaptive poll interval."""
     if type(dul) is DULServiceProvider:
+        responsive = cast(ResponsiveDUL, dul)  # its locks first: the DUL may be running
+        responsive._reading = threading.Lock()
+        responsive._writing = threading.RLock()
+        responsive._last_read = time.monotonic()  # a new connection: its first PDU is coming
         dul.__class__ = ResponsiveDUL
 
 

@@ -237,6 +237,22 @@ class Responses:
                 int(final.get("NumberOfWarningSuboperations", -1)))
 
 
+def assert_pending_consistent(responses: Responses, total: int) -> None:
+    """The Pending responses of a retrieve of ``total`` instances (PS3.4 C.4.2.1.6-9,
+    C.4.2.3.1): each has the four counts adding up to ``total`` and no data set, Remaining
+    counts down, and the node sends the first after the first sub-operation."""
+    assert responses.pending, "no Pending response after the first sub-operation"
+    remaining = []
+    for status, data_set in responses.items[:-1]:
+        assert int(status.Status) == 0xFF00 and data_set is None
+        counts = [int(status[f"NumberOf{kind}Suboperations"].value)
+                  for kind in ("Remaining", "Completed", "Failed", "Warning")]
+        assert sum(counts) == total, counts
+        remaining.append(counts[0])
+    assert remaining[0] == total - 1
+    assert remaining == sorted(set(remaining), reverse=True) and remaining[-1] > 0
+
+
 def identifier(level: str | None, **keys: Any) -> Dataset:
     ds = Dataset()
     if level is not None:
@@ -268,7 +284,8 @@ def move(port: int, root: str, query: Dataset, destination: str = DEST_AE,
 
 
 def get(port: int, root: str, query: Dataset, storage: Sequence[tuple[str, Sequence[str]]],
-        on_store: Callable[[Any], int] | None = None) -> tuple[Responses, dict[str, Any]]:
+        on_store: Callable[[Any], int | Dataset] | None = None,
+        ) -> tuple[Responses, dict[str, Any]]:
     """One C-GET proposing ``storage`` [(SOP class, syntaxes)] with the SCP role.
 
     Returns the responses and the received instances by SOP Instance UID (the event's
@@ -276,7 +293,7 @@ def get(port: int, root: str, query: Dataset, storage: Sequence[tuple[str, Seque
     """
     received: dict[str, Any] = {}
 
-    def handle_store(event: Any) -> int:
+    def handle_store(event: Any) -> int | Dataset:
         received[str(event.request.AffectedSOPInstanceUID)] = (
             event.encoded_dataset(include_meta=False), str(event.context.transfer_syntax))
         return on_store(event) if on_store is not None else 0

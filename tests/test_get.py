@@ -6,6 +6,7 @@ receives is compared with the stored files at dataset level.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -14,9 +15,11 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.handlers.retrieve_common import PENDING_INTERVAL
 from tests import retrievedata as rd
 from tests.conftest import NodeProcess, dcmtk_tool, make_node
 from tests.dicomdata import CT_IMAGE, MR_IMAGE, PREFIX, dataset_bytes_of
@@ -103,7 +106,51 @@ def test_get_with_only_some_storage_classes_offered(archive: Archive) -> None:
     for uid, (data, syntax) in received.items():
         assert syntax == ExplicitVRLittleEndian
         assert data == dataset_bytes_of(archive.corpus.files[uid])  # sent as stored
-    assert [int(s.Status) for s in responses.pending] == [0xFF00] * len(ct | mr)
+    rd.assert_pending_consistent(responses, len(ct | mr))
+
+
+def test_get_pending_after_every_slow_sub_operation(archive: Archive) -> None:
+    # PS3.4 C.4.3.3.1: Pending responses are optional; the node sends one after the first
+    # sub-operation, then whenever PENDING_INTERVAL has passed, none after the last.
+    slow = threading.Event()  # never set: the deliberate delay of a slow requester
+
+    def store_slowly(event: Any) -> int:
+        slow.wait(PENDING_INTERVAL * 1.5)
+        return SUCCESS
+
+    responses, received = rd.get(archive.node.port, "study",
+                                 rd.identifier("STUDY", StudyInstanceUID=archive.corpus.uid["A"]),
+                                 [(CT_IMAGE, [ExplicitVRLittleEndian]),
+                                  (MR_IMAGE, [ExplicitVRLittleEndian])], on_store=store_slowly)
+    total = len(archive.corpus.instances("A"))
+    rd.assert_pending_consistent(responses, total)
+    assert [int(s.NumberOfRemainingSuboperations) for s in responses.pending] == \
+        list(range(total - 1, 0, -1))
+    assert responses.status == SUCCESS and responses.counts() == (total, 0, 0)
+    assert set(received) == archive.corpus.instances("A")
+
+
+def test_get_counts_what_the_requester_answers(archive: Archive) -> None:
+    # The node reads each C-STORE-RSP itself (node.scu.messages): its status and Error Comment
+    # decide the sub-operation (PS3.4 C.4.3.3.1; B.2.3: 0xB007 warning, 0xA700 failure).
+    def answer(event: Any) -> Dataset | int:
+        if event.request.AffectedSOPClassUID == CT_IMAGE:
+            return 0xB007  # Warning: Data Set does not match SOP Class
+        status = Dataset()
+        status.Status = 0xA700
+        status.ErrorComment = "requester disk full"
+        return status
+
+    responses, _ = rd.get(archive.node.port, "study",
+                          rd.identifier("STUDY", StudyInstanceUID=archive.corpus.uid["A"]),
+                          [(CT_IMAGE, [ExplicitVRLittleEndian]),
+                           (MR_IMAGE, [ExplicitVRLittleEndian])], on_store=answer)
+    ct, mr = archive.corpus.instances("A1"), archive.corpus.instances("A2")
+    assert responses.status == WARNING
+    assert responses.counts() == (0, len(mr), len(ct))
+    assert set(responses.failed_list) == mr
+    log = archive.node.wait_for_log("requester disk full", count=len(mr))
+    assert "Refused: Out of Resources" in log
 
 
 def test_get_in_implicit_vr_gets_a_reencoded_copy(archive: Archive) -> None:

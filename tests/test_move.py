@@ -8,7 +8,9 @@ administrator's.
 
 from __future__ import annotations
 
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +28,18 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from node.config import build_config
+from node.handlers.retrieve_common import PENDING_INTERVAL
 from node.index.writer import Source
 from node.ingest import Received
 from node.query.keys import Root
 from node.retrieve.stored import can_reencode
+from node.scu.messages import StoreResponse, _store_response
 from node.services import open_services
 from tests import retrievedata as rd
 from tests.conftest import NodeProcess, dcmtk_tool, free_port, make_node
 from tests.dicomdata import (
     CT_IMAGE,
+    MR_IMAGE,
     PREFIX,
     dataset_bytes_of,
     make_instance,
@@ -146,19 +151,67 @@ def test_movescu_cancel_after_first_response(archive: Archive, tmp_path: Path) -
 
 # --- statuses and counts, with a pynetdicom SCU ----------------------------------------------
 
-def test_pending_responses_count_down(archive: Archive, tmp_path: Path) -> None:
+def test_pending_responses_after_the_first_then_now_and_then(archive: Archive,
+                                                              tmp_path: Path) -> None:
+    # PS3.4 C.4.2.3.1: Pending responses are optional; the node sends one after the first
+    # sub-operation, then at most one per PENDING_INTERVAL, none after the last.
     query = rd.identifier("STUDY", StudyInstanceUID=archive.corpus.uid["A"])
     with rd.storescp(tmp_path / "out", archive.dest_port):
+        started = time.monotonic()
         responses = rd.move(archive.node.port, "study", query)
+        elapsed = time.monotonic() - started
     total = len(archive.corpus.instances("A"))
-    assert [int(s.Status) for s in responses.pending] == [0xFF00] * total
-    assert [int(s.NumberOfRemainingSuboperations) for s in responses.pending] == \
-        list(range(total - 1, -1, -1))
-    assert [int(s.NumberOfCompletedSuboperations) for s in responses.pending] == \
-        list(range(1, total + 1))
+    rd.assert_pending_consistent(responses, total)
+    assert len(responses.pending) <= 1 + elapsed / PENDING_INTERVAL
     assert responses.status == SUCCESS and responses.counts() == (total, 0, 0)
     assert "NumberOfRemainingSuboperations" not in responses.final  # PS3.4 C.4.2.1.6
     assert responses.items[-1][1] is None  # no failures: no data set
+
+
+class SlowStorageSCP:
+    """A pynetdicom storage SCP that takes longer than PENDING_INTERVAL over every C-STORE."""
+
+    def __init__(self, port: int, ae_title: str = "SLOW") -> None:
+        self.stored: list[str] = []
+        self._slow = threading.Event()  # never set: the deliberate delay of a slow peer
+        ae = AE(ae_title=ae_title)
+        for sop_class in (CT_IMAGE, MR_IMAGE):
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian])
+        server = ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None
+        self.server = server
+
+    def _store(self, event: Any) -> int:
+        self._slow.wait(PENDING_INTERVAL * 1.5)
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_pending_after_every_slow_sub_operation_counts_down(node_factory: Any,
+                                                            tmp_path: Path) -> None:
+    slow_port = free_port()
+    node = node_factory(peers=_peers(SLOW=slow_port)).start()
+    corpus = rd.build_corpus(tmp_path / "corpus")
+    rd.load(node.port, list(corpus.files.values()))
+    slow = SlowStorageSCP(slow_port)
+    try:
+        responses = rd.move(node.port, "study",
+                            rd.identifier("STUDY", StudyInstanceUID=corpus.uid["A"]),
+                            destination="SLOW")
+    finally:
+        slow.close()
+    total = len(corpus.instances("A"))
+    rd.assert_pending_consistent(responses, total)
+    assert [int(s.NumberOfRemainingSuboperations) for s in responses.pending] == \
+        list(range(total - 1, 0, -1))
+    assert [int(s.NumberOfCompletedSuboperations) for s in responses.pending] == \
+        list(range(1, total))
+    assert responses.status == SUCCESS and responses.counts() == (total, 0, 0)
+    assert set(slow.stored) == corpus.instances("A")
 
 
 def test_no_match_is_success_with_zero_counts(archive: Archive) -> None:
@@ -439,3 +492,41 @@ def test_plan_is_one_select_whatever_the_level(tmp_path: Path) -> None:
     assert [p.sop_instance_uid for p in plans["image"]] == [f"{study}.9.3", f"{study}.9.1"]
     assert all(p.path.is_file() and p.transfer_syntax_uid == "1.2.840.10008.1.2"
                for p in plans["patient"])
+
+
+# --- the C-STORE-RSP the node reads off the socket itself ------------------------------------
+
+def _store_rsp_pdu(*pdvs: tuple[int, bytes]) -> bytes:
+    """A P-DATA-TF PDU of (control header, fragment) PDVs on context 1 (PS3.8 9.3.5, E.2)."""
+    items = b"".join(struct.pack(">IBB", len(data) + 2, 1, control) + data
+                     for control, data in pdvs)
+    return struct.pack(">BBI", 4, 0, len(items)) + items
+
+
+def _command(*elements: tuple[int, bytes]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0, tag, len(value)) + value for tag, value in elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+RSP = _command((0x0002, CT_IMAGE.encode() + b"\x00" * (len(CT_IMAGE) % 2)),
+               (0x0100, _us(0x8001)), (0x0120, _us(7)), (0x0800, _us(0x0101)),
+               (0x0900, _us(0xB000)), (0x0902, b"coerced "))
+
+
+def test_store_response_read_directly_or_left_to_pynetdicom() -> None:
+    # A whole C-STORE-RSP without a data set, in one PDV or in command fragments, is read.
+    for pdu in (_store_rsp_pdu((3, RSP)), _store_rsp_pdu((1, RSP[:20]), (3, RSP[20:]))):
+        assert _store_response(pdu) == StoreResponse(7, 0xB000, "coerced")
+    # Anything else is left for pynetdicom to read: a command not yet complete, a data set
+    # fragment, a data set announced, another command, a truncated element.
+    with_data_set = RSP.replace(struct.pack("<HHI", 0, 0x0800, 2) + _us(0x0101),
+                                struct.pack("<HHI", 0, 0x0800, 2) + _us(0x0000))
+    c_cancel = RSP.replace(_us(0x8001), _us(0x0FFF), 1)
+    for pdu in (_store_rsp_pdu((1, RSP)), _store_rsp_pdu((2, RSP)),
+                _store_rsp_pdu((3, with_data_set)), _store_rsp_pdu((3, c_cancel)),
+                _store_rsp_pdu((3, RSP[:-3])), _store_rsp_pdu((3, RSP), (3, RSP))):
+        assert _store_response(pdu) is None

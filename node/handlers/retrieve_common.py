@@ -40,7 +40,13 @@ from node.errors import OutOfResources
 from node.query.keys import Root
 from node.retrieve.plan import RetrievePlanner, StoredInstance
 from node.retrieve.request import InvalidRetrieve
-from node.scu.messages import C_GET_RSP, C_MOVE_RSP, retrieve_response, send_message
+from node.scu.messages import (
+    C_GET_RSP,
+    C_MOVE_RSP,
+    ConnectionLost,
+    retrieve_response,
+    transmit,
+)
 from node.scu.send import Result, Sent
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,8 @@ GET_MODELS = {
 MAX_SUB_OPERATIONS = 0xFFFF
 # (0008,0058) is UI: in an explicit VR identifier its value has a 2-byte length (PS3.5 7.1.2).
 _MAX_EXPLICIT_VALUE = 0xFFFE
+# Seconds between Pending responses (optional, PS3.4 C.4.2.3.1; see run_sub_operations).
+PENDING_INTERVAL = 0.1
 
 
 @dataclass
@@ -192,7 +200,13 @@ class Retrieval:
              tally.warning),
             comment, identifier is not None,
         )
-        send_message(self.assoc, cast(int, self.context.context_id), command, identifier)
+        try:
+            transmit(self.assoc, cast(int, self.context.context_id), command, identifier)
+        except ConnectionLost as exc:
+            # The requester's connection broke: nothing more can reach it (PS3.4 C.4.2.3.1
+            # Note 2); the sub-operations stop as the association ends.
+            log.warning("%s response to %s not sent: %s", self.service,
+                        self.requester or "?", exc)
 
     def _failed_list(self, uids: list[str]) -> bytes:
         syntax = self.context.transfer_syntax[0]
@@ -244,26 +258,43 @@ def matching_instances(retrieval: Retrieval,
     return instances
 
 
+# Performs one sub-operation, told which instance comes next (None after the last).
+SubOperation = Callable[[StoredInstance, StoredInstance | None], Sent]
+
+
 def run_sub_operations(retrieval: Retrieval, instances: list[StoredInstance],
-                       send: Callable[[StoredInstance], Sent]) -> tuple[Tally, bool]:
-    """Send ``instances`` one by one with a Pending response after each; (tally, cancelled).
+                       send: SubOperation) -> tuple[Tally, bool]:
+    """Send ``instances`` one by one, with a Pending response now and then; (tally, cancelled).
+
+    PS3.4 C.4.2.3.1 and C.4.3.3.1: "Optionally, the SCP may generate responses ... with status
+    equal to Pending during the processing of the C-STORE sub-operations".  One after every
+    sub-operation costs the requester, the node and the network about as much as a small
+    sub-operation itself.  So one goes out after the first sub-operation (the requester learns
+    that the retrieve runs, and can cancel it), then one whenever PENDING_INTERVAL has passed
+    since the last: progress stays visible, and a requester's DIMSE timeout keeps being reset,
+    during a long retrieve.  None after the last sub-operation: the final response follows.
 
     A C-CANCEL is honoured between sub-operations (PS3.4 C.4.2.3.1); when the requester's
     association ends, nothing more is sent (PS3.4 leaves the behaviour undefined).
     """
     tally = Tally(remaining=len(instances))
-    for instance in instances:
+    last_pending: float | None = None
+    for number, instance in enumerate(instances, 1):
         if retrieval.is_cancelled():
             return tally, True
         if not retrieval.requester_present:
             break
-        sent = send(instance)
+        sent = send(instance, instances[number] if number < len(instances) else None)
         tally.count(instance, sent)
         if sent.result is not Result.COMPLETED:
             log.warning("%s sub-operation %s %s: %s", retrieval.service,
                         instance.sop_instance_uid, sent.result.value, sent.detail)
-        if retrieval.requester_present:
+        now = time.perf_counter()
+        if tally.remaining and retrieval.requester_present and (
+            last_pending is None or now - last_pending >= PENDING_INTERVAL
+        ):
             retrieval.pending(tally)
+            last_pending = now
     return tally, False
 
 

@@ -10,10 +10,12 @@ Files are sent as stored, never decoded: the dataset bytes go from the file into
 ``STORE_SEND_CHUNKED_DATASET`` switch, it parses every file's File Meta with pydicom, encodes
 each command set through pydicom's dataset writer (twice, for the group length), and pauses and
 resumes the association's reactor around every message: together most of the CPU, and up to a
-millisecond of waiting, per instance.  Here the fixed command layouts are encoded directly
-(``node.scu.messages``), a small instance travels in one PDU with its command, and the reactor of
+millisecond of waiting, per instance.  Here the fixed command layouts are encoded and the
+C-STORE-RSP decoded directly (``node.scu.messages``): the request is written on the socket and
+its response read off it by the thread running the sub-operations, without a hand-over to the
+DUL thread either way, and a small instance travels in one PDU with its command.  The reactor of
 a C-MOVE association is paused once for all sub-operations (the reactor of a C-GET association
-is the very thread running them).  Responses are still decoded by pynetdicom.
+is the very thread running them).
 """
 
 from __future__ import annotations
@@ -39,7 +41,18 @@ from node.latency import make_association_responsive
 from node.retrieve.plan import StoredInstance
 from node.retrieve.stored import CannotReencode, NotPart10, can_reencode, reencoded
 from node.scu.association import close, open_association, where
-from node.scu.messages import send_message, send_stored_file, store_request
+from node.scu.messages import (
+    ConnectionLost,
+    Prepared,
+    StoreResponse,
+    await_store_response,
+    prepare_stored,
+    response_socket,
+    send_prepared,
+    send_stored_file,
+    store_request,
+    transmit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +129,8 @@ class Sender:
         self.priority = priority
         self.originator = originator
         self._next_id = first_message_id
+        # The next request, read and encoded while the peer answers the one before.
+        self._ahead: tuple[StoredInstance, int, Prepared] | None = None
         # The node's accepted contexts in the SCU role (as the C-STORE sender), by SOP class.
         self._exact: dict[tuple[str, str], int] = {}
         self._uncompressed: dict[str, tuple[int, str]] = {}
@@ -130,58 +145,113 @@ class Sender:
                 if known is None or syntax == UNCOMPRESSED_TRANSFER_SYNTAXES[0]:
                     self._uncompressed[sop_class] = (cx.context_id, syntax)
 
-    def send(self, instance: StoredInstance) -> Sent:
-        """One C-STORE sub-operation for ``instance``; never raises for a failed transfer."""
+    def send(self, instance: StoredInstance, upcoming: StoredInstance | None = None) -> Sent:
+        """One C-STORE sub-operation for ``instance``; never raises for a failed transfer.
+
+        The request for a small file of the ``upcoming`` instance is read and encoded while the
+        peer answers this one: after the answer only its write is left to do.
+        """
         if not self.assoc.is_established:
             return Sent(Result.FAILED, f"the association to {self.peer} has ended")
         message_id = self._next_id
         self._next_id = self._next_id % 0xFFFF + 1  # Message ID is US; 0 is avoided
-        originator = self.originator or ("", None)
+        # The socket is taken before the request goes: its answer must not reach the DUL first.
+        with response_socket(self.assoc) as sock:
+            failed = self._request(instance, message_id)
+            if failed is not None:
+                return failed
+            self._prepare(upcoming)
+            response, timed_out = None, False
+            if sock is not None:
+                try:
+                    response = await_store_response(self.assoc, sock, self.assoc.dimse_timeout)
+                except TimeoutError:
+                    timed_out = True
+        if timed_out:
+            return self._no_response()
+        return self._response(message_id, response)
+
+    def _request(self, instance: StoredInstance, message_id: int) -> Sent | None:
+        """Send the C-STORE-RQ; None once sent, else how the sub-operation failed."""
+        ahead, self._ahead = self._ahead, None
         exact = self._exact.get((instance.sop_class_uid, instance.transfer_syntax_uid))
         try:
+            if ahead is not None and ahead[:2] == (instance, message_id):
+                send_prepared(self.assoc, ahead[2])
+                return None
+            command = self._command(instance, message_id)
             if exact is not None:  # as stored, byte for byte from the file
-                command = store_request(instance, message_id, self.priority, *originator)
                 send_stored_file(self.assoc, exact, command, instance.path)
-            else:
-                fallback = self._uncompressed.get(instance.sop_class_uid)
-                if not can_reencode(instance.transfer_syntax_uid):
-                    return Sent(Result.FAILED, f"{self.peer} did not accept "
-                                f"{_name(instance.transfer_syntax_uid)}, and it cannot be "
-                                "decoded here (no pixel data decoder available)")
-                if fallback is None:
-                    # PS3.4 C.4.2.3.1 / C.4.3.3.1: no appropriate context is a failed sub-op.
-                    return Sent(Result.FAILED, f"{self.peer} accepted no presentation context "
-                                f"for {_name(instance.sop_class_uid)} in "
-                                f"{_name(instance.transfer_syntax_uid)} or uncompressed")
-                context_id, syntax = fallback
-                dataset = reencoded(instance.path, instance.transfer_syntax_uid, syntax)
-                command = store_request(instance, message_id, self.priority, *originator)
-                send_message(self.assoc, context_id, command, dataset)
+                return None
+            fallback = self._uncompressed.get(instance.sop_class_uid)
+            if not can_reencode(instance.transfer_syntax_uid):
+                return Sent(Result.FAILED, f"{self.peer} did not accept "
+                            f"{_name(instance.transfer_syntax_uid)}, and it cannot be "
+                            "decoded here (no pixel data decoder available)")
+            if fallback is None:
+                # PS3.4 C.4.2.3.1 / C.4.3.3.1: no appropriate context is a failed sub-op.
+                return Sent(Result.FAILED, f"{self.peer} accepted no presentation context "
+                            f"for {_name(instance.sop_class_uid)} in "
+                            f"{_name(instance.transfer_syntax_uid)} or uncompressed")
+            context_id, syntax = fallback
+            dataset = reencoded(instance.path, instance.transfer_syntax_uid, syntax)
+            transmit(self.assoc, context_id, command, dataset)
+            return None
+        except ConnectionLost as exc:
+            return Sent(Result.FAILED, f"the association to {self.peer} failed: {exc}")
         except OSError as exc:
             return Sent(Result.FAILED, f"stored file missing or unreadable: {exc.strerror}")
         except (CannotReencode, NotPart10) as exc:
             return Sent(Result.FAILED, str(exc))
-        return self._response(message_id)
 
-    def _response(self, message_id: int) -> Sent:
-        _, response = self.assoc.dimse.get_msg(block=True)
-        if response is None:  # aborted, connection closed, or no answer within the timeout
-            if self.assoc.is_established:
-                # A late answer would be taken for the next request's (pynetdicom does the same:
-                # Association._handle_no_response aborts).
-                self.assoc.abort()
-            return Sent(Result.FAILED, f"no C-STORE response from {self.peer}")
-        if not isinstance(response, C_STORE) or response.MessageIDBeingRespondedTo != message_id:
+    def _command(self, instance: StoredInstance, message_id: int) -> bytes:
+        originator = self.originator or ("", None)
+        return store_request(instance, message_id, self.priority, *originator)
+
+    def _prepare(self, instance: StoredInstance | None) -> None:
+        """Read and encode the request for ``instance`` when it goes as stored, in one PDU."""
+        exact = None if instance is None else self._exact.get(
+            (instance.sop_class_uid, instance.transfer_syntax_uid))
+        if instance is None or exact is None:
+            return
+        message_id = self._next_id
+        try:
+            prepared = prepare_stored(self.assoc, exact, self._command(instance, message_id),
+                                      instance.path)
+        except (OSError, NotPart10):
+            return  # read again in its turn, and reported then if it fails again
+        if prepared is not None:
+            self._ahead = (instance, message_id, prepared)
+
+    def _response(self, message_id: int, response: StoreResponse | None) -> Sent:
+        """How the sub-operation ended, from the response read directly (``response``), else
+        from the one pynetdicom decodes."""
+        if response is None:  # the next PDU is pynetdicom's to read: take what it decodes
+            _, message = self.assoc.dimse.get_msg(block=True)
+            if message is None:  # aborted, connection closed, or no answer within the timeout
+                return self._no_response()
+            if not isinstance(message, C_STORE):
+                return Sent(Result.FAILED, f"{self.peer} answered with an unexpected message")
+            response = StoreResponse(message.MessageIDBeingRespondedTo, message.Status,
+                                     str(message.ErrorComment or ""))
+        if response.responded_to != message_id:
             return Sent(Result.FAILED, f"{self.peer} answered with an unexpected message")
-        status = response.Status
+        status = response.status
         if status is None:
             return Sent(Result.FAILED, f"{self.peer} sent a C-STORE response without status")
-        comment = f": {response.ErrorComment}" if response.ErrorComment else ""
+        comment = f": {response.comment}" if response.comment else ""
         if status == SUCCESS:
             return Sent(Result.COMPLETED)
         if is_warning(status):
             return Sent(Result.WARNING, f"{describe_status(status)}{comment}")
         return Sent(Result.FAILED, f"{self.peer} answered {describe_status(status)}{comment}")
+
+    def _no_response(self) -> Sent:
+        if self.assoc.is_established:
+            # A late answer would be taken for the next request's (pynetdicom does the same:
+            # Association._handle_no_response aborts).
+            self.assoc.abort()
+        return Sent(Result.FAILED, f"no C-STORE response from {self.peer}")
 
 
 def _name(uid: str) -> str:
