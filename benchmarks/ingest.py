@@ -11,6 +11,9 @@ Targets (``--targets``, comma separated, in the order given):
 ``storescp``
     DCMTK ``storescp`` writing plain files with no index: the floor of what ingest can cost.
     It serves one association at a time, so its 4-association figure is sequential.
+``baseline``
+    the node again, started from the repository given by ``--baseline`` (say a checkout of
+    an earlier commit), to compare two versions of the node in one machine state.
 
 Each target goes through three runs, each against a freshly started server with an empty
 storage directory (so a run never meets the instances of the one before):
@@ -26,7 +29,11 @@ of the node's SQLite index; ``GET /statistics`` for Orthanc) and the peak RSS (V
 server and its children is read from ``/proc`` before the server is stopped.  The CPU time of
 the server, of storescu and of everything else during each run is recorded too: when other
 processes used the CPUs meanwhile, a ``# noise:`` line names the runs concerned.
-``--repeat K`` runs everything K times and the table shows medians (the JSON keeps each run).
+``--repeat K`` runs everything K times and the table shows medians (the JSON keeps each run);
+the repeats take turns (every target once, then every target again), so a machine that gets
+busier meanwhile weighs on all targets alike.  Wall-clock rates on a shared machine move with
+its load; the server's CPU time per instance (``CPU ms/inst``) moves much less and shows where
+a change saved work.
 
 The corpus is generated once with pydicom and cached in ``--corpus`` (regenerated when the
 requested sizes change).  Every DCMTK tool is called by full path with ``TCP_NODELAY=1``:
@@ -88,7 +95,7 @@ CORPUS_VERSION = 1  # bump when the generated files change, so stale caches are 
 SMALL_SPLIT = 4
 SMALL_STUDIES = 50  # the small corpus is ~50 studies x 2 series (one CT, one MR)
 LARGE_STUDIES = 5
-ALL_TARGETS = ("node", "orthanc", "storescp")
+ALL_TARGETS = ("node", "orthanc", "storescp", "baseline")
 NOISE = 0.1  # other processes using more than this share of one CPU during a run: say so
 RUNS = ("1-assoc", "4-assoc", "large")
 
@@ -243,11 +250,20 @@ class RunResult:
             return None
         return self.bytes / 1_000_000 / self.seconds
 
+    @property
+    def cpu_ms_per_instance(self) -> float | None:
+        """The server's CPU time per instance sent (all its threads, user + system)."""
+        if self.server_cpu_s is None or self.error is not None or not self.sent:
+            return None
+        return self.server_cpu_s * 1000 / self.sent
+
 
 def make_server(target: str, workdir: Path, args: argparse.Namespace) -> Server:
     """A fresh server of kind ``target`` in ``workdir``, as the arguments ask."""
     if target == "node":
         return NodeServer(workdir, args.ready_timeout, python=args.python, repo=args.repo)
+    if target == "baseline":
+        return NodeServer(workdir, args.ready_timeout, python=args.python, repo=args.baseline)
     if target == "orthanc":
         return OrthancServer(workdir, args.ready_timeout, nagle=args.orthanc_nagle)
     return StorescpServer(workdir, args.ready_timeout)
@@ -330,6 +346,7 @@ def table(results: Sequence[TargetResult]) -> str:
         "4-assoc inst/s",
         "512x512 MB/s",
         "512x512 inst/s",
+        "CPU ms/inst 1/4/512",
         "peak RSS MB",
         "stored/sent",
     )
@@ -346,6 +363,8 @@ def table(results: Sequence[TargetResult]) -> str:
                 _fmt(result.median("4-assoc", lambda r: r.inst_per_s)),
                 _fmt(result.median("large", lambda r: r.mb_per_s), 1),
                 _fmt(result.median("large", lambda r: r.inst_per_s), 1),
+                "/".join(_fmt(result.median(run, lambda r: r.cpu_ms_per_instance), 1)
+                         for run in RUNS),
                 _fmt(max(rss) if rss else None, 1),
                 f"{stored}/{sent}{mark}",
             )
@@ -421,6 +440,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="repository root the node is started from (default: %(default)s)",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="REPO",
+        help="repository root of another version of the node, run as target 'baseline' "
+        "(added to --targets when not named there)",
+    )
+    parser.add_argument(
         "--orthanc-nagle",
         action="store_true",
         help="start Orthanc without TCP_NODELAY=1 (as a packaged service runs; ~40 ms per "
@@ -442,6 +468,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.baseline is not None and "baseline" not in targets:
+        targets.insert(targets.index("node") + 1 if "node" in targets else 0, "baseline")
     unknown = sorted(set(targets) - set(ALL_TARGETS))
     if unknown or not targets:
         parser.error(
@@ -459,6 +487,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"missing tool(s): {', '.join(missing)}")
     if "node" in targets and not (args.repo / "node" / "__main__.py").is_file():
         parser.error(f"--repo {args.repo}: no node/__main__.py there")
+    if "baseline" in targets and (
+        args.baseline is None or not (args.baseline / "node" / "__main__.py").is_file()
+    ):
+        parser.error("target baseline needs --baseline REPO, a repository with node/__main__.py")
     return args
 
 
@@ -474,14 +506,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = machine_info(args, targets)
             args.workdir.mkdir(parents=True, exist_ok=True)
             workroot = Path(tempfile.mkdtemp(prefix="dicomnode-bench-", dir=args.workdir))
-            for target in targets:
-                result = TargetResult(target, args.repeat)
-                results.append(result)
-                for repeat in range(1, args.repeat + 1):
+            results = [TargetResult(target, args.repeat) for target in targets]
+            for repeat in range(1, args.repeat + 1):  # the repeats take turns (module docstring)
+                for result in results:
                     for run in RUNS:
-                        label = f"{target}: {run}" + (f" #{repeat}" if args.repeat > 1 else "")
+                        label = f"{result.target}: {run}" + (
+                            f" #{repeat}" if args.repeat > 1 else "")
                         print(f"{label} ...", file=sys.stderr, end="", flush=True)
-                        outcome = measure(target, run, repeat, corpus, workroot, args)
+                        outcome = measure(result.target, run, repeat, corpus, workroot, args)
                         result.runs.append(outcome)
                         print(" " + _progress(outcome), file=sys.stderr, flush=True)
         except KeyboardInterrupt:
@@ -504,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions = [f"dcmtk={info['dcmtk']}"]
     versions += [f"orthanc={info['orthanc']}"] if info["orthanc"] else []
     versions += [f"node={info['node']}"] if info["node"] else []
+    versions += [f"baseline={args.baseline}"] if "baseline" in targets else []
     versions += [f"pydicom={info['pydicom']}"] if info.get("pydicom") else []
     print(f"# {'  '.join(versions)}")
     print(
@@ -551,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             **asdict(r),
                             "inst_per_s": r.inst_per_s,
                             "mb_per_s": r.mb_per_s,
+                            "cpu_ms_per_instance": r.cpu_ms_per_instance,
                             "ok": r.ok,
                         }
                         for r in t.runs

@@ -43,6 +43,7 @@ from node.handlers.get import handle_get
 from node.handlers.move import handle_move
 from node.handlers.retrieve_common import RetrieveService
 from node.handlers.store import handle_store
+from node.handlers.store_direct import StoreService
 from node.latency import make_association_responsive
 from node.logs import set_level
 from node.recovery import sweep
@@ -179,7 +180,9 @@ def start(services: Services) -> RunningNode:
         # events: its service classes encode every response (and re-encode every instance)
         # through pydicom (node.handlers.direct, retrieve_common, find).
         (evt.EVT_CONN_OPEN, _tune_connection,
-         [DirectRouter([retrieve_service(services).serve, FindService(services.finder).serve])]),
+         [DirectRouter([StoreService(services.ingestor, associations).serve,
+                        retrieve_service(services).serve,
+                        FindService(services.finder).serve])]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services.ingestor, associations]),
         (evt.EVT_SOP_EXTENDED, negotiate_find_extensions),

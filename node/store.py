@@ -8,7 +8,11 @@ Layout under the storage directory::
                                   start-up sweep needs it alone (``exclusive``)
 
 A write goes to ``tmp/``, is fsynced, renamed into place, and the folder is fsynced, so after
-``put`` returns the file survives power loss.  No path is ever built from a dataset attribute.
+``put`` returns the file survives power loss.  A fan-out folder is used only once its own entry
+is durable too: the 256 first-level folders are made (and their parent fsynced) when the store
+opens; a second-level folder met for the first time is made just before the file is written
+and its parent is fsynced on a helper thread while the file's own fsync runs, so both ride on
+one journal commit instead of two in a row.  No path is ever built from a dataset attribute.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +37,9 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_FANOUT = [f"{n:02x}" for n in range(256)]
+# Folder fsyncs that may run beside the writers' own file fsyncs.
+_FOLDER_SYNC_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,94 @@ def digest_of(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _create_folder(folder: str) -> None:
+    """Create a second-level fan-out folder unless it is there (its first level too, when that
+    was removed behind our back, then made durable in ``objects/`` at once)."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        parent = os.path.dirname(folder)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parent)
+        _fsync_dir(os.path.dirname(parent))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+
+
+class _SyncJob:
+    """One directory fsync run on a helper thread; ``wait`` returns when it is done."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.error: Exception | None = None
+        self._finished = threading.Lock()
+        self._finished.acquire()  # released by the helper thread
+
+    def finish(self, error: Exception | None) -> None:
+        self.error = error
+        self._finished.release()
+
+    def wait(self) -> None:
+        """Block until the directory is synced; raises the helper's error if it is not."""
+        with self._finished:
+            pass
+        if self.error is not None:
+            raise self.error
+
+    def settle(self) -> None:
+        """Wait after the write itself failed: the write's error is the one raised, this
+        job's own is logged."""
+        with self._finished:
+            pass
+        if self.error is not None:
+            log.warning("fan-out folder could not be made durable: %s", self.error)
+
+
+class _DirectorySync:
+    """Helper threads that fsync a directory while the writer waits for its own file's fsync:
+    two waits on the disk at once instead of one after the other."""
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue[_SyncJob | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"store-folder-sync-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, directory: str) -> _SyncJob:
+        job = _SyncJob(directory)
+        self._jobs.put(job)
+        return job
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                _fsync_dir(job.directory)
+            except OSError as exc:  # handed to the writer waiting for it, which raises it
+                job.finish(exc)
+            except Exception as exc:  # a bug: the writer fails, this thread serves on
+                log.exception("directory fsync job failed")
+                job.finish(exc)
+            else:
+                job.finish(None)
 
 
 class Store:
@@ -65,7 +156,11 @@ class Store:
         self.root = root
         self.objects = root / "objects"
         self.tmp = root / "tmp"
-        self._known_folders: set[Path] = set()  # fan-out folders known to exist (≤ 65,792)
+        self._objects = str(self.objects)  # the hot path joins plain strings
+        self._tmp = str(self.tmp)
+        # Second-level fan-out folders whose entry in their parent is known durable (≤ 65,536).
+        self._durable_folders: set[str] = set()
+        self._folder_sync: _DirectorySync | None = None
         self._lock: int | None = None
 
     def open(self) -> None:
@@ -80,9 +175,20 @@ class Store:
         if self._lock is None:
             self._lock = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
             fcntl.flock(self._lock, fcntl.LOCK_SH)
+        # Every first-level folder, once: from here on a new second-level folder needs only
+        # its own parent made durable.  The fsync covers folders an earlier run made too.
+        for prefix in _FANOUT:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self._objects, prefix))
+        _fsync_dir(self.objects)
+        if self._folder_sync is None:
+            self._folder_sync = _DirectorySync(_FOLDER_SYNC_THREADS)
 
     def close(self) -> None:
         """Release the shared lock (the files stay as they are)."""
+        if self._folder_sync is not None:
+            self._folder_sync.close()
+            self._folder_sync = None
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -125,12 +231,23 @@ class Store:
         is left behind; a full disk raises StorageFull.
         """
         digest = digest or digest_of(parts)
+        if not _DIGEST.match(digest):
+            raise ValueError("not a SHA-256 hex digest")
         size = sum(len(p) for p in parts)
-        final = self.path_of(digest)
-        if final.is_file():
-            return StoredFile(digest, size, created=False)
-        temporary = self.tmp / f"{uuid.uuid4().hex}.part"
+        folder = os.path.join(self._objects, digest[:2], digest[2:4])
+        final = os.path.join(folder, digest)
+        temporary = os.path.join(self._tmp, f"{uuid.uuid4().hex}.part")
+        folder_synced: _SyncJob | None = None
         try:
+            if os.path.isfile(final):
+                # Rare (an unindexed file, or another process's write of the same instance):
+                # its writer may not have made its entries durable yet, so this one does.
+                self._make_durable_folder(folder)
+                _fsync_dir(folder)
+                return StoredFile(digest, size, created=False)
+            new_folder = folder not in self._durable_folders
+            if new_folder:  # made before the file, so that one journal commit can carry both
+                _create_folder(folder)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 written = os.writev(fd, parts)
@@ -138,36 +255,54 @@ class Store:
                     data = b"".join(parts)[written:]
                     while data:
                         data = data[os.write(fd, data) :]
+                if new_folder:
+                    folder_synced = self._sync_later(os.path.dirname(folder))
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._make_parents(final)
+            if folder_synced is not None:
+                job, folder_synced = folder_synced, None
+                job.wait()
+            if new_folder:
+                self._durable_folders.add(folder)
             try:
                 os.rename(temporary, final)
             except FileNotFoundError:  # the folder was removed behind our back: make it again
-                self._known_folders.discard(final.parent)
-                self._make_parents(final)
+                self._durable_folders.discard(folder)
+                self._make_durable_folder(folder)
                 os.rename(temporary, final)
-            _fsync_dir(final.parent)
+            _fsync_dir(folder)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
+            if folder_synced is not None:
+                folder_synced.settle()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
             if exc.errno in _NO_SPACE:
                 raise StorageFull(f"no space left in store {self.root}") from exc
             raise
         return StoredFile(digest, size, created=True)
 
-    def _make_parents(self, final: Path) -> None:
-        # A new fan-out folder must itself be made durable in its parent (fsync the parent).
-        if final.parent in self._known_folders:
-            return
-        for folder in (final.parent.parent, final.parent):
-            if not folder.is_dir():
-                try:
-                    folder.mkdir()
-                except FileExistsError:
-                    continue
-                _fsync_dir(folder.parent)
-        self._known_folders.add(final.parent)
+    def _make_durable_folder(self, folder: str) -> None:
+        """Create ``folder`` if needed and make its entry durable, here and now.
+
+        Its parent is fsynced also when the folder was there already: another writer may
+        have made it a moment ago and still be waiting for that fsync, or an earlier run may
+        have stopped between the two.  A row must never point into a folder whose entry could
+        still vanish on power loss.
+        """
+        if folder not in self._durable_folders:
+            _create_folder(folder)
+            _fsync_dir(os.path.dirname(folder))
+            self._durable_folders.add(folder)
+
+    def _sync_later(self, directory: str) -> _SyncJob | None:
+        """fsync ``directory`` on a helper thread while the caller's own fsync runs (both are
+        waits on the disk, not work for the interpreter); here and now (None) on a store
+        that was not opened."""
+        if self._folder_sync is None:
+            _fsync_dir(directory)
+            return None
+        return self._folder_sync.submit(directory)
 
     def remove(self, digest: str) -> bool:
         """Delete the file with ``digest``; False when it was not there."""

@@ -13,14 +13,18 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+from node.dicom.part10 import file_meta_bytes
 from tests.conftest import NodeProcess, poll_until
 from tests.dicomdata import (
     CT_IMAGE,
+    dataset_bytes_of,
     encoded_as,
     make_instance,
     no_delay,
     send_datasets,
+    send_files,
     sha256_file,
+    write_part10,
 )
 
 INGEST_ASSOCIATIONS = 4
@@ -42,6 +46,31 @@ def test_restart_keeps_everything(node: NodeProcess) -> None:
     assert [s.status for s in send_datasets(node.port, first[:1])] == [0]
     assert "duplicate" in node.log().splitlines()[-2] + node.log().splitlines()[-1]
     assert len(node.stored_files()) == 5
+
+
+def test_fan_out_folders_exist_from_the_start_and_come_back_when_removed(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    """The 256 first-level folders are made (and made durable) when the store opens, so a new
+    instance needs at most its second-level folder made; one removed behind the node's back is
+    made again when an instance needs it."""
+    import hashlib
+
+    objects = node.storage / "objects"
+    assert sorted(p.name for p in objects.iterdir()) == [f"{n:02x}" for n in range(256)]
+    ds = make_instance()
+    path = write_part10(ds, tmp_path / "one.dcm")
+    digest = hashlib.sha256(
+        file_meta_bytes(CT_IMAGE, ds.SOPInstanceUID, str(ds.file_meta.TransferSyntaxUID))
+        + dataset_bytes_of(path)
+    ).hexdigest()
+    (objects / digest[:2]).rmdir()  # empty: nothing is stored under it yet
+
+    assert [s.status for s in send_files(node.port, [path])] == [0]
+    stored = objects / digest[:2] / digest[2:4] / digest
+    assert stored.is_file() and sha256_file(stored) == digest
+    assert node.rows("SELECT digest FROM instance") == [(digest,)]
+    assert node.temporary_files() == []
 
 
 def test_startup_sweeps_temporary_and_unindexed_files(node: NodeProcess) -> None:

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
 
 from tests.conftest import NodeProcess, dcmtk_env, dcmtk_tool, echo
-from tests.dicomdata import dataset_bytes_of, make_instance, send_files, sha256_file, write_part10
+from tests.dicomdata import (
+    CT_IMAGE,
+    PREFIX,
+    _chunked_sending,
+    dataset_bytes_of,
+    file_meta_of,
+    make_instance,
+    no_delay,
+    send_files,
+    sha256_file,
+    write_part10,
+    write_raw_part10,
+)
 
 
 def test_echo_answers(node: NodeProcess) -> None:
@@ -97,3 +112,75 @@ def test_info_log_names_no_patient_but_every_association_and_store(node: NodePro
     assoc_lines = [line for line in log.splitlines() if "association from TESTSCU" in line]
     assert any("released: 1 stored, 0 failed" in line for line in assoc_lines)
     assert all("127.0.0.1" in line for line in assoc_lines)
+
+
+def test_store_responses_answer_their_requests(node: NodeProcess, tmp_path: Path) -> None:
+    """Each C-STORE-RSP (PS3.7 Table 9.3-2) names its request: Message ID Being Responded To,
+    the command's SOP Class and Instance UIDs, no data set; a failure carries its Error
+    Comment."""
+    good = write_part10(make_instance(), tmp_path / "good.dcm")
+    other = make_instance()  # its dataset names another SOP Instance UID than its command
+    mismatch = write_raw_part10(tmp_path / "mismatch.dcm", CT_IMAGE, f"{PREFIX}9",
+                                dataset_bytes_of(write_part10(other, tmp_path / "other.dcm")))
+    files = [good, mismatch, good]
+    sent: list[int] = []
+    answers: list[dict[str, Any]] = []
+
+    def on_sent(event: Event) -> None:
+        sent.append(int(event.message.command_set.MessageID))
+
+    def on_received(event: Event) -> None:
+        command = event.message.command_set
+        answers.append({keyword: command.get(keyword) for keyword in (
+            "CommandField", "MessageIDBeingRespondedTo", "AffectedSOPClassUID",
+            "AffectedSOPInstanceUID", "CommandDataSetType", "Status", "ErrorComment")})
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT_IMAGE, [ExplicitVRLittleEndian])
+    with _chunked_sending():
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", evt_handlers=[
+            (evt.EVT_DIMSE_SENT, on_sent), (evt.EVT_DIMSE_RECV, on_received)])
+        assert assoc.is_established
+        no_delay(assoc)
+        try:
+            for path in files:
+                assoc.send_c_store(path)
+        finally:
+            assoc.release()
+
+    assert len(sent) == len(answers) == 3
+    for path, request_id, answer in zip(files, sent, answers, strict=True):
+        assert answer["CommandField"] == 0x8001
+        assert answer["MessageIDBeingRespondedTo"] == request_id
+        assert answer["CommandDataSetType"] == 0x0101
+        assert answer["AffectedSOPClassUID"] == CT_IMAGE
+        assert answer["AffectedSOPInstanceUID"] == file_meta_of(path).MediaStorageSOPInstanceUID
+    assert [a["Status"] for a in answers] == [0x0000, 0xA900, 0x0000]
+    assert [a["ErrorComment"] for a in answers] == [
+        None, "SOP Instance UID in dataset differs from the command", None]
+
+
+def test_datasets_in_many_small_pdus_are_kept_whole(node_factory: Any, tmp_path: Path) -> None:
+    """With the smallest maximum PDU the node allows, every data set arrives in several
+    fragments (PS3.8 9.3.5.1, Annex E); each is reassembled byte for byte, on one association
+    after the other, from pynetdicom and from DCMTK's storescu."""
+    node: NodeProcess = node_factory(max_pdu=4096).start()
+    files = [write_part10(make_instance(rows=96, InstanceNumber=i), tmp_path / f"{i}.dcm", ts)
+             for i, ts in enumerate([ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                     ExplicitVRBigEndian, ExplicitVRLittleEndian])]
+    assert all(len(dataset_bytes_of(f)) > 3 * 4096 for f in files)
+    assert [r.status for r in send_files(node.port, files)] == [0, 0, 0, 0]
+    folder = tmp_path / "dcmtk"
+    more = [write_part10(make_instance(rows=96, InstanceNumber=10 + i), folder / f"{i}.dcm")
+            for i in range(3)]
+    done = subprocess.run(
+        [str(dcmtk_tool("storescu")), "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
+         "+sd", "+r", str(folder)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+    kept = sorted(dataset_bytes_of(p) for p in node.stored_files())
+    assert kept == sorted(dataset_bytes_of(f) for f in files + more)
+    assert node.rows("SELECT count(*) FROM instance") == [(7,)]
+    assert node.temporary_files() == []

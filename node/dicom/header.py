@@ -3,19 +3,23 @@
 Parsing stops before group 0x0028 (image pixel description), so pixel data is never touched; the
 dataset bytes themselves are kept exactly as received elsewhere.  Text is decoded through
 Specific Character Set (PS3.5 6.1), so the index holds Unicode.
+
+This runs once per received instance, so the top-level elements are walked here with
+``struct`` (PS3.5 7.1) rather than through pydicom's general reader, following the same rules
+as pydicom's ``data_element_generator``: explicit VRs with a 4-byte length (PS3.5 Table 7.1-1),
+an element whose VR bytes are not two capitals read as implicit VR, undefined-length sequences
+stepped over item by item (PS3.5 7.5), values kept only for the wanted tags.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import struct
 import zlib
 from dataclasses import dataclass
-from io import BytesIO
 
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.filereader import data_element_generator
-from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.dicom.structure import check_complete
@@ -56,8 +60,14 @@ _VR: dict[str, str] = {
     "PatientSex": "CS", "BodyPartExamined": "CS", "StudyInstanceUID": "UI",
     "SeriesInstanceUID": "UI", "StudyID": "SH", "SeriesNumber": "IS", "InstanceNumber": "IS",
 }
-_SPECIFIC_TAGS: list[BaseTag | int] = list(_TAGS.values())
+_WANTED = frozenset(_TAGS.values())
 _LAST_TAG = max(_TAGS.values())
+# PS3.5 Table 7.1-1: explicit VRs whose value length takes 4 bytes (after 2 reserved ones).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD  # PS3.5 7.5
+_MAX_DEPTH = 32  # sequences nested deeper than this are no real instance
 
 # PS3.5 9.1: digits and dots, components without gaps, at most 64 characters.  Leading zeros
 # in a component are tolerated because real modalities send them and they are harmless here.
@@ -101,10 +111,6 @@ def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= _MAX_UID and bool(_UID.match(value))
 
 
-def _stop_after_last(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return bool(tag > _LAST_TAG)
-
-
 def _inflate(data: bytes) -> bytes:
     """The dataset of a Deflated Explicit VR Little Endian transfer (PS3.5 A.5)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -119,23 +125,90 @@ def _inflate(data: bytes) -> bytes:
     return inflated
 
 
-def _raw_elements(
-    data: bytes, transfer_syntax: UID
-) -> dict[BaseTag, RawDataElement | DataElement]:
-    elements: dict[BaseTag, RawDataElement | DataElement] = {}
-    generator = data_element_generator(
-        BytesIO(data),
-        transfer_syntax.is_implicit_VR,
-        transfer_syntax.is_little_endian,
-        stop_when=_stop_after_last,
-        specific_tags=_SPECIFIC_TAGS,
-    )
-    try:
-        for element in generator:
-            elements[element.tag] = element
-    except (EOFError, ValueError, KeyError, NotImplementedError, OverflowError) as exc:
-        raise UnreadableDataset(f"dataset cannot be decoded: {exc}") from exc
-    return elements
+class _Scanner:
+    """Walks encoded elements (PS3.5 7.1) and steps over sequences without decoding them."""
+
+    def __init__(self, data: bytes, implicit_vr: bool, little_endian: bool) -> None:
+        order = "<" if little_endian else ">"
+        self.data = data
+        self.end = len(data)
+        self.implicit_vr = implicit_vr
+        self.head = struct.Struct(f"{order}HHL")  # tag and (implicit VR) 4-byte length
+        self.short = struct.Struct(f"{order}H")
+        self.long = struct.Struct(f"{order}L")
+
+    def element(self, pos: int) -> tuple[int, int, int]:
+        """The tag, value offset and value length of the element at ``pos``."""
+        if pos + 8 > self.end:
+            raise _cut("element header")
+        group, number, length = self.head.unpack_from(self.data, pos)
+        tag = group << 16 | number
+        if self.implicit_vr or group == 0xFFFE:  # items and delimiters have no VR
+            return tag, pos + 8, length
+        vr = self.data[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > self.end:
+                raise _cut("element header")
+            return tag, pos + 12, self.long.unpack_from(self.data, pos + 8)[0]
+        if not b"AA" <= vr <= b"ZZ":  # implicit VR inside explicit VR data, as pydicom reads it
+            return tag, pos + 8, length
+        return tag, pos + 8, self.short.unpack_from(self.data, pos + 6)[0]
+
+    def top_level(self) -> dict[int, bytes]:
+        """The values of the wanted elements, up to the last wanted tag."""
+        values: dict[int, bytes] = {}
+        pos = 0
+        while pos < self.end:
+            tag, start, length = self.element(pos)
+            if tag > _LAST_TAG:
+                break
+            if length == _UNDEFINED:
+                pos = self.items(start, 1)
+                continue
+            pos = start + length
+            if tag in _WANTED:
+                values[tag] = self.data[start:pos]
+            # A value longer than the data ends it, as pydicom reads it (check_complete, which
+            # tells VRs apart by its own rule, has accepted the dataset as whole).
+        return values
+
+    def items(self, pos: int, depth: int) -> int:
+        """Step over the items of an undefined-length sequence; the offset after its end."""
+        if depth > _MAX_DEPTH:
+            raise UnreadableDataset("dataset is malformed (sequences nested too deeply)")
+        while True:
+            if pos + 8 > self.end:
+                raise _cut("sequence")
+            group, number, length = self.head.unpack_from(self.data, pos)
+            tag = group << 16 | number
+            pos += 8
+            if tag == _SEQUENCE_END:
+                return pos
+            if tag != _ITEM:
+                raise UnreadableDataset("dataset is malformed (element where an item belongs)")
+            if length == _UNDEFINED:
+                pos = self.item_elements(pos, depth)
+            else:
+                pos += length
+                if pos > self.end:
+                    raise _cut("item")
+
+    def item_elements(self, pos: int, depth: int) -> int:
+        """Step over the elements of an undefined-length item; the offset after its end."""
+        while True:
+            tag, start, length = self.element(pos)
+            if tag == _ITEM_END:
+                return start
+            if length == _UNDEFINED:
+                pos = self.items(start, depth + 1)
+            else:
+                pos = start + length
+                if pos > self.end:
+                    raise _cut("value")
+
+
+def _cut(what: str) -> UnreadableDataset:
+    return UnreadableDataset(f"dataset cannot be decoded: {what} cut short")
 
 
 # VRs of the elements read; values decoded through Specific Character Set (PS3.5 6.1.2.3).
@@ -162,7 +235,7 @@ def normalise_person_name(text: str) -> str:
 class _Values:
     """Decoded text of the raw elements, on demand."""
 
-    def __init__(self, elements: dict[BaseTag, RawDataElement | DataElement]) -> None:
+    def __init__(self, elements: dict[int, bytes]) -> None:
         self.elements = elements
         charset = self.raw("SpecificCharacterSet")
         self.charset = charset.decode("ascii", "replace").strip(" \0") if charset else ""
@@ -171,11 +244,11 @@ class _Values:
             self.encodings = convert_encodings(terms)
         except LookupError as exc:
             raise InvalidDataset(f"unsupported Specific Character Set: {exc}") from exc
+        except ValueError as exc:  # codecs.lookup refuses a name with a NUL in it
+            raise UnreadableDataset(f"Specific Character Set cannot be read: {exc}") from exc
 
     def raw(self, keyword: str) -> bytes:
-        element = self.elements.get(BaseTag(_TAGS[keyword]))
-        value = element.value if element is not None else None
-        return value if isinstance(value, bytes) else b""
+        return self.elements.get(_TAGS[keyword], b"")
 
     def text(self, keyword: str) -> str:
         """The value as one string ('' when absent); multiple values stay joined by '\\'."""
@@ -184,8 +257,13 @@ class _Values:
             return ""
         vr = _VR[keyword]
         if vr in _DECODED_VRS:
-            delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
-            text = decode_bytes(value, self.encodings, delimiters)
+            if value.isascii() and b"\x1b" not in value:
+                # Every character set of PS3.3 C.12.1.1.2 reads 7-bit bytes without an ISO 2022
+                # escape (ESC, 0x1B) as ASCII: the common case needs no codec.
+                text = value.decode("ascii")
+            else:
+                delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
+                text = decode_bytes(value, self.encodings, delimiters)
             if vr == "PN":
                 text = normalise_person_name(text)
         else:
@@ -209,6 +287,15 @@ class _Values:
         return value
 
 
+@functools.lru_cache(maxsize=64)  # a node meets a handful of transfer syntaxes
+def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool] | None:
+    """(implicit VR, little endian, deflated) of a transfer syntax; None if it is not one."""
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax:
+        return None
+    return ts.is_implicit_VR, ts.is_little_endian, ts == DeflatedExplicitVRLittleEndian
+
+
 def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
     """Parse the index attributes from ``data``, a dataset encoded in ``transfer_syntax``.
 
@@ -216,13 +303,14 @@ def read_header(data: bytes, transfer_syntax: str) -> InstanceHeader:
     missing, and
     InvalidDataset when a required UID is missing or malformed.
     """
-    ts = UID(transfer_syntax)
-    if not ts.is_transfer_syntax:
+    encoding = _encoding(transfer_syntax)
+    if encoding is None:
         raise UnreadableDataset(f"unknown transfer syntax {transfer_syntax}")
-    if ts == DeflatedExplicitVRLittleEndian:
+    implicit_vr, little_endian, deflated = encoding
+    if deflated:
         data = _inflate(data)
-    check_complete(data, ts.is_implicit_VR, ts.is_little_endian)
-    values = _Values(_raw_elements(data, ts))
+    check_complete(data, implicit_vr, little_endian)
+    values = _Values(_Scanner(data, implicit_vr, little_endian).top_level())
     text = values.text
     return InstanceHeader(
         sop_class_uid=values.uid("SOPClassUID", UnreadableDataset),

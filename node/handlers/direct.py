@@ -14,11 +14,16 @@ This relies on pynetdicom 3.0 internals (``_serve_request``, ``_sent_release``,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+
+from node.scu.messages import ConnectionLost
+
+log = logging.getLogger(__name__)
 
 # Takes the request (returning True once it is answered) or declines it (False).
 DirectService = Callable[[Association, Any, PresentationContext], bool]
@@ -43,13 +48,17 @@ class DirectRouter:
     def _serve(self, assoc: Association, msg: Any, context_id: int) -> bool:
         if assoc._sent_release or not getattr(msg, "is_valid_request", False):
             return False  # pynetdicom ignores requests after release, answers invalid ones
-        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id),
-                       None)
+        # pynetdicom keeps the accepted contexts by ID (``accepted_contexts`` sorts a copy).
+        context = assoc._accepted_cx.get(context_id)
         if context is None:
             return False  # pynetdicom aborts on a request on a context never accepted
         # pynetdicom's rule: a C-CANCEL that arrived before this request is not for it.
         assoc.dimse.cancel_req = {}
         try:
             return any(service(assoc, msg, context) for service in self.services)
+        except ConnectionLost as exc:  # the writer aborted the association: nobody to answer
+            log.warning("association with %s lost while answering: %s",
+                        str(assoc.requestor.ae_title).strip(), exc)
+            return True
         finally:
             assoc.dimse.cancel_req = {}

@@ -32,7 +32,7 @@ from node.errors import NodeError, OutOfResources
 from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
-from node.scu.messages import find_response, send_message
+from node.scu.messages import find_response, transmit
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,10 @@ class _Query:
     def _send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
         # One response per PDU: PDVs of several messages in one P-DATA-TF PDU are legal, but
         # pynetdicom 3.0 (and so many SCUs built on it) drops all after the first message.
+        # Written from this thread when the DUL allows it, else queued for the DUL.
         command = find_response(self.message_id, self.sop_class, status, comment,
                                 identifier is not None)
-        send_message(self.assoc, self.context_id, command, identifier)
+        transmit(self.assoc, self.context_id, command, identifier)
 
 
 class UndecodableIdentifier(NodeError):

@@ -1,9 +1,15 @@
-"""Record received instances in the four-level index: one transaction per instance, idempotent.
+"""Record received instances in the four-level index: each write atomic, idempotent.
 
 The upper levels (patient, study, series) are created on first sight and keep the attributes
 of the first instance that named them.  A write that fails for a transient reason (database
 locked, connection lost) is retried a bounded number of times, then reported as
 IndexUnavailable — never as success.
+
+SQLite has one writer at a time and each commit costs an fsync of its log.  Writers that arrive
+while another commits are therefore grouped: the next one to get the write lock runs every
+waiting write, each in its own savepoint, and commits them together (group commit).  Every
+caller returns only after the commit that holds its row, so a C-STORE Success still follows
+its own durable row; a write that fails rolls back its own savepoint and fails alone.
 """
 
 from __future__ import annotations
@@ -11,22 +17,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
-from peewee import Database, IntegrityError, InterfaceError, OperationalError, SqliteDatabase
+from peewee import (
+    Database,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SqliteDatabase,
+)
 
 from node.dicom.header import InstanceHeader
-from node.errors import IndexUnavailable, InvalidDataset
+from node.errors import IndexUnavailable, InvalidDataset, NodeError
 from node.index.models import Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _RETRY_BASE_DELAY = 0.05  # seconds; doubled on each retry
+# Writes committed together at most: keeps one transaction (and its lock) short.
+MAX_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,36 @@ class InstanceExists(Exception):
     """Another writer indexed the same SOP Instance UID first."""
 
 
+# What one write of a group may raise on its own (its savepoint rolled back, the others go on):
+# the domain's refusals, and constraint or value errors of its own rows.
+_OWN_FAILURES = (NodeError, InstanceExists, IntegrityError, DataError)
+
+
+class _Pending(Generic[T]):
+    """One write waiting for a group commit, and how it ended."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self.work = work
+        self.taken = False  # by the writer committing its group (under the write lock)
+        self.done = False  # committed, or failed for good
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            if isinstance(self.error, (IntegrityError, DataError)):
+                raise IndexUnavailable(f"index unavailable: {self.error}") from self.error
+            raise self.error
+        return cast(T, self.value)
+
+
+def _run_one(pending: _Pending[Any]) -> None:
+    try:
+        pending.value = pending.work()
+    except _OWN_FAILURES as exc:  # its savepoint is rolled back; re-raised by its caller
+        pending.error = exc
+
+
 def fold_name(name: str) -> str:
     """Person names compare case-insensitively by their case-folded form."""
     return name.casefold()
@@ -67,10 +113,11 @@ class IndexWriter:
         self.retries = retries
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
         # SQLite's busy handler (1, 2, 5, 10… ms).  Queueing writers on a Python lock instead
-        # hands the lock over at once.  PostgreSQL writers run concurrently.
-        self._write_lock: AbstractContextManager[object] = (
-            threading.Lock() if isinstance(db, SqliteDatabase) else nullcontext()
-        )
+        # hands the lock over at once, and lets the holder commit the queue in one go (see the
+        # module docstring).  PostgreSQL writers run concurrently, each in its transaction.
+        self._grouped = isinstance(db, SqliteDatabase)
+        self._write_lock = threading.Lock()
+        self._queue: deque[_Pending[Any]] = deque()
         self._sql = _HotPath(db.param)
         # PostgreSQL aborts the whole transaction on a failed statement unless it ran inside a
         # savepoint; SQLite carries on, so it is spared the two extra statements.
@@ -85,13 +132,50 @@ class IndexWriter:
         return self._execute(sql, params).fetchone()
 
     def _writing(self, work: Callable[[], T]) -> T:
-        """Run a write transaction, one at a time where the database needs it, with retries."""
+        """Run ``work`` (a write in its own ``atomic`` block) and commit it, with retries.
 
-        def serialised() -> T:
-            with self._write_lock:
-                return work()
+        SQLite: queued, and committed by whichever writer holds the lock next together with
+        the others waiting then; returns once that commit is done.
+        """
+        if not self._grouped:
+            return self._retrying(work)
+        pending = _Pending(work)
+        self._queue.append(pending)
+        with self._write_lock:
+            while not pending.taken:  # no earlier holder took it along: commit the queue now
+                group = [self._queue.popleft()
+                         for _ in range(min(len(self._queue), MAX_GROUP))]
+                for member in group:
+                    member.taken = True
+                self._commit_group(group)
+        if not pending.done:  # another write of its group broke the whole group (a bug)
+            raise IndexUnavailable("index write abandoned with its group")
+        return pending.outcome()
 
-        return self._retrying(serialised)
+    def _commit_group(self, group: list[_Pending[Any]]) -> None:
+        """Run ``group``'s writes in one transaction (a savepoint each) and commit it.
+
+        A transient failure of the transaction (locked, connection lost, commit failed)
+        rolls all back and retries all; after the retries each write fails IndexUnavailable.
+        Anything else escaping (a bug) leaves the group not done, which its callers report.
+        """
+        def run() -> None:
+            for pending in group:
+                pending.value, pending.error = None, None
+            if len(group) == 1:  # alone: its own atomic block is the transaction
+                _run_one(group[0])
+                return
+            with self.db.atomic():  # each write's own atomic() nests as a savepoint
+                for pending in group:
+                    _run_one(pending)
+
+        try:
+            self._retrying(run)
+        except IndexUnavailable as exc:
+            for pending in group:
+                pending.value, pending.error = None, exc
+        for pending in group:
+            pending.done = True
 
     def _retrying(self, work: Callable[[], T]) -> T:
         delay = _RETRY_BASE_DELAY
@@ -282,10 +366,11 @@ def _instance_fields(header: InstanceHeader, digest: str, size: int, transfer_sy
 
 def digests_with_prefix(prefix: str) -> set[str]:
     """Digests of all indexed files whose digest starts with the hex string ``prefix``."""
-    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # next prefix: 'ab' -> 'ac', '0f' -> '0g'
-    rows = (
-        Instance.select(Instance.digest)
-        .where((Instance.digest >= prefix) & (Instance.digest < upper))
-        .tuples()
-    )
+    # The next prefix in hex ('09' -> '0a', never '0:'): a locale collation (PostgreSQL with
+    # en_US, ICU) sorts punctuation apart from digits and letters, so only bounds made of hex
+    # digits select exactly the digests under the prefix.
+    condition = Instance.digest >= prefix
+    if prefix != "f" * len(prefix):
+        condition &= Instance.digest < f"{int(prefix, 16) + 1:0{len(prefix)}x}"
+    rows = Instance.select(Instance.digest).where(condition).tuples()
     return {str(digest) for (digest,) in cast(Iterable[tuple[str]], rows)}
