@@ -60,32 +60,25 @@ def count_instances(db: Database) -> int:
 def rows_with_prefix(db: Database, prefix: str, chunk: int = CHUNK) -> Iterator[IndexedFile]:
     """The instance rows whose digest starts with ``prefix``, in digest order, ``chunk`` rows
     per SELECT."""
-    last = ""
-    in_prefix = _in_prefix(prefix)
-    while True:
-        query = (
-            Instance.select(Instance.id, Instance.sop_instance_uid, Instance.digest)
-            .where(in_prefix & (Instance.digest > last))
-            .order_by(Instance.digest)
-            .limit(chunk)
-            .tuples()
-        )
-        rows = [IndexedFile(int(i), str(u), str(d))
-                for i, u, d in cast(Iterable[tuple[int, str, str]], query.execute(db))]
-        yield from rows
-        if len(rows) < chunk:
-            return
-        last = rows[-1].digest
+    return _pages(db, _in_prefix(prefix), by_digest=True, chunk=chunk)
 
 
 def all_rows(db: Database, chunk: int = CHUNK) -> Iterator[IndexedFile]:
     """Every instance row, in id order, ``chunk`` rows per SELECT."""
-    last = 0
+    return _pages(db, None, by_digest=False, chunk=chunk)
+
+
+def _pages(db: Database, condition: Any, by_digest: bool, chunk: int) -> Iterator[IndexedFile]:
+    """Rows read a page at a time, each page after the last key seen (keyset pagination:
+    every SELECT is an index range, however deep into the table)."""
+    key = Instance.digest if by_digest else Instance.id
+    last: str | int = "" if by_digest else 0
     while True:
+        after = key > last
         query = (
             Instance.select(Instance.id, Instance.sop_instance_uid, Instance.digest)
-            .where(Instance.id > last)
-            .order_by(Instance.id)
+            .where(after if condition is None else condition & after)
+            .order_by(key)
             .limit(chunk)
             .tuples()
         )
@@ -94,7 +87,7 @@ def all_rows(db: Database, chunk: int = CHUNK) -> Iterator[IndexedFile]:
         yield from rows
         if len(rows) < chunk:
             return
-        last = rows[-1].id
+        last = rows[-1].digest if by_digest else rows[-1].id
 
 
 def row_by_id(db: Database, row_id: int) -> IndexedFile | None:
