@@ -32,7 +32,7 @@ from node.errors import NodeError, OutOfResources
 from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
-from node.scu.messages import find_response, transmit_many
+from node.scu.messages import find_response, transmit
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ _ROOTS = {
 }
 
 _UTF8 = convert_encodings([RESPONSE_CHARACTER_SET])  # what the engine encodes values in
-# Responses are written in batches of about this many bytes, or once the first of a batch has
-# waited this many seconds, whichever comes first.
-_BATCH_BYTES = 32768
-_BATCH_WAIT = 0.002
 
 
 class FindService:
@@ -82,9 +78,6 @@ class _Query:
         self.context_id = cast(int, context.context_id)
         self.syntax = context.transfer_syntax[0]
         self.encoded = cast(BytesIO, request.Identifier)
-        self._batch: list[tuple[bytes, bytes | None]] = []
-        self._batch_bytes = 0
-        self._batch_started = 0.0
 
     def answer(self, finder: Finder) -> None:
         started = time.perf_counter()
@@ -104,7 +97,7 @@ class _Query:
                     break
                 if not self.assoc.is_established:
                     return  # the requester aborted: nobody to answer
-                self._queue(pending, encode_identifier(match, self.syntax))
+                self._send(pending, encode_identifier(match, self.syntax))
                 matches += 1
         except UndecodableIdentifier as exc:
             status, comment = UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}"
@@ -115,8 +108,7 @@ class _Query:
         except NodeError as exc:
             status, comment = UNABLE_TO_PROCESS, str(exc)
         if self.assoc.is_established:
-            self._queue(status, comment=comment)
-            self._flush()
+            self._send(status, comment=comment)
         log.log(logging.INFO if status in (SUCCESS, CANCELLED) else logging.WARNING,
                 "C-FIND %s root %s: %d matches, status 0x%04X%s, %.1f ms", level,
                 self.root.value, matches, status, f" ({comment})" if comment else "",
@@ -129,28 +121,13 @@ class _Query:
         except (ValueError, TypeError, EOFError, KeyError, struct.error) as exc:
             raise UndecodableIdentifier(str(exc)) from exc
 
-    def _queue(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
-        """Send a response, with the ones before it that are still waiting.
-
-        Responses go out together, one write for several (each keeps PDUs of its own:
-        pynetdicom 3.0 reads only the first message of a PDU), once ``_BATCH_BYTES`` wait or
-        the first of them has waited ``_BATCH_WAIT`` seconds, so the first match of a slow
-        query is not held back.
-        """
+    def _send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
+        # One response per PDU: PDVs of several messages in one P-DATA-TF PDU are legal, but
+        # pynetdicom 3.0 (and so many SCUs built on it) drops all after the first message.
+        # Written from this thread when the DUL allows it, else queued for the DUL.
         command = find_response(self.message_id, self.sop_class, status, comment,
                                 identifier is not None)
-        if not self._batch:
-            self._batch_started = time.monotonic()
-        self._batch.append((command, identifier))
-        self._batch_bytes += len(command) + (len(identifier) if identifier else 0)
-        if (self._batch_bytes >= _BATCH_BYTES
-                or time.monotonic() - self._batch_started >= _BATCH_WAIT):
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._batch:
-            transmit_many(self.assoc, self.context_id, self._batch)
-            self._batch, self._batch_bytes = [], 0
+        transmit(self.assoc, self.context_id, command, identifier)
 
 
 class UndecodableIdentifier(NodeError):

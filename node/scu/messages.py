@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import FileIO
@@ -219,18 +219,6 @@ def transmit(assoc: Association, context_id: int, command: bytes,
     Raises ConnectionLost when the connection fails during the write.
     """
     _transmit(assoc, context_id, _pdus(command, dataset, _fragment_room(assoc)))
-
-
-def transmit_many(assoc: Association, context_id: int,
-                  messages: Sequence[tuple[bytes, bytes | None]]) -> None:
-    """Several messages (command set, data set or None) in one write when the DUL allows it.
-
-    Each message keeps PDUs of its own (pynetdicom 3.0 reads only the first message of a
-    PDU), but they go to the socket together: one system call instead of one per message.
-    """
-    room = _fragment_room(assoc)
-    pdus = [pdu for command, dataset in messages for pdu in _pdus(command, dataset, room)]
-    _transmit(assoc, context_id, pdus)
 
 
 def _transmit(assoc: Association, context_id: int, pdus: list[_PDU]) -> bool:
