@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from node.errors import StartupError
 from node.index.writer import digests_with_prefix
-from node.maintenance.files import quarantine
 from node.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def _sweep(store: Store, max_orphans: int) -> SweepReport:
     for digest in orphaned:
         # Never acknowledged, so nothing is lost by removing them; they are moved aside
         # rather than deleted, so that even a misjudged case destroys nothing.
-        quarantine(store.root, store.path_of(digest))
+        store.quarantine(store.path_of(digest))
     orphans = len(orphaned)
     report = SweepReport(temporary, orphans, seen, time.monotonic() - started)
     if temporary or orphans:

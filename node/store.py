@@ -4,6 +4,7 @@ Layout under the storage directory::
 
     objects/ab/cd/abcd…(64 hex)   one Part 10 file per digest, two fan-out levels
     tmp/                          files being written; anything here after a crash is garbage
+    quarantine/                   files taken out of objects/ (corrupt, or no row): kept
     .lock                         every process that opens the store holds it shared; the
                                   start-up sweep needs it alone (``exclusive``)
 
@@ -59,12 +60,17 @@ def digest_of(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync(path: Path | str, directory: bool = False) -> None:
+    """Make a file's content, or a folder's entries, durable."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path | str) -> None:
+    fsync(path, directory=True)
 
 
 def _create_folder(folder: str) -> None:
@@ -156,6 +162,7 @@ class Store:
         self.root = root
         self.objects = root / "objects"
         self.tmp = root / "tmp"
+        self.quarantined = root / "quarantine"  # files taken out of objects/, never deleted
         self._objects = str(self.objects)  # the hot path joins plain strings
         self._tmp = str(self.tmp)
         # Second-level fan-out folders whose entry in their parent is known durable (≤ 65,536).
@@ -303,6 +310,29 @@ class Store:
             _fsync_dir(directory)
             return None
         return self._folder_sync.submit(directory)
+
+    def quarantine(self, path: Path) -> Path:
+        """Move ``path`` (a file of the store) into ``quarantine/``, never overwriting.
+
+        The file keeps its name (a digest, never a dataset attribute), with ``.1``, ``.2``…
+        added when that name is taken.  Linked first, then unlinked, so that at no moment is it
+        in neither place; both folders are fsynced.  Returns where it went.
+        """
+        self.quarantined.mkdir(exist_ok=True)
+        target = self.quarantined / path.name
+        suffix = 0
+        while True:
+            try:
+                os.link(path, target)
+                break
+            except FileExistsError:
+                suffix += 1
+                target = self.quarantined / f"{path.name}.{suffix}"
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the copy counts
+            os.unlink(path)
+        _fsync_dir(self.quarantined)
+        _fsync_dir(path.parent)
+        return target
 
     def remove(self, digest: str) -> bool:
         """Delete the file with ``digest``; False when it was not there."""

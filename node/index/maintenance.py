@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from peewee import JOIN, ColumnBase, Database, fn
+from peewee import JOIN, Database, fn
 
 from node.index.models import Instance, Patient, Series, Study
+from node.index.writer import in_digest_prefix
 
 PREFIXES = [f"{n:02x}" for n in range(256)]  # the store's first fan-out level
 CHUNK = 1000
@@ -39,20 +40,6 @@ def execute(db: Database, sql: str, params: Sequence[object] = ()) -> Any:
     return db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
 
 
-def _in_prefix(prefix: str) -> ColumnBase:
-    """Digests starting with the two hex digits ``prefix``, as an index range.
-
-    The bounds are hex strings themselves ('09' to '0a', not '09' to '0:'): a database whose
-    collation is not bytewise (PostgreSQL under en_US.UTF-8, say) ignores punctuation such as
-    ':' when it compares, and would find nothing in the range '09'..'0:'.  Among strings of
-    hex digits every collation agrees with byte order.
-    """
-    low = Instance.digest >= prefix
-    if prefix == "ff":
-        return low
-    return low & (Instance.digest < f"{int(prefix, 16) + 1:02x}")
-
-
 def count_instances(db: Database) -> int:
     return int(Instance.select().count(db))
 
@@ -60,7 +47,7 @@ def count_instances(db: Database) -> int:
 def rows_with_prefix(db: Database, prefix: str, chunk: int = CHUNK) -> Iterator[IndexedFile]:
     """The instance rows whose digest starts with ``prefix``, in digest order, ``chunk`` rows
     per SELECT."""
-    return _pages(db, _in_prefix(prefix), by_digest=True, chunk=chunk)
+    return _pages(db, in_digest_prefix(prefix), by_digest=True, chunk=chunk)
 
 
 def all_rows(db: Database, chunk: int = CHUNK) -> Iterator[IndexedFile]:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
 
 from peewee import (
+    ColumnBase,
     Database,
     DataError,
     IntegrityError,
@@ -364,13 +365,20 @@ def _instance_fields(header: InstanceHeader, digest: str, size: int, transfer_sy
     }
 
 
-def digests_with_prefix(prefix: str) -> set[str]:
-    """Digests of all indexed files whose digest starts with the hex string ``prefix``."""
-    # The next prefix in hex ('09' -> '0a', never '0:'): a locale collation (PostgreSQL with
-    # en_US, ICU) sorts punctuation apart from digits and letters, so only bounds made of hex
-    # digits select exactly the digests under the prefix.
+def in_digest_prefix(prefix: str) -> ColumnBase:
+    """Digests starting with the hex string ``prefix``, as an index range.
+
+    The upper bound is the next prefix in hex ('09' -> '0a', never '0:'): a locale collation
+    (PostgreSQL with en_US, ICU) sorts punctuation apart from digits and letters, while among
+    strings of hex digits every collation agrees with byte order.
+    """
     condition = Instance.digest >= prefix
     if prefix != "f" * len(prefix):
         condition &= Instance.digest < f"{int(prefix, 16) + 1:0{len(prefix)}x}"
-    rows = Instance.select(Instance.digest).where(condition).tuples()
+    return condition
+
+
+def digests_with_prefix(prefix: str) -> set[str]:
+    """Digests of all indexed files whose digest starts with the hex string ``prefix``."""
+    rows = Instance.select(Instance.digest).where(in_digest_prefix(prefix)).tuples()
     return {str(digest) for (digest,) in cast(Iterable[tuple[str]], rows)}

@@ -18,9 +18,7 @@ Anything else is ``NotDicom`` (skipped); a file that starts like DICOM but canno
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,6 @@ from node.errors import NodeError, UnreadableDataset
 
 # PS3.4 Annex F / PS3.10 8: a DICOMDIR is a Media Storage Directory, not an instance to archive.
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-QUARANTINE = "quarantine"  # under the storage directory, beside objects/ and tmp/
 
 _PREAMBLE = 128
 _PREFIX = b"DICM"
@@ -147,36 +144,3 @@ def sha256_of(path: Path) -> str:
     """The SHA-256 hex digest of a file's bytes, read in chunks (bounded memory)."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def quarantine(storage: Path, path: Path) -> Path:
-    """Move ``path`` (a file of the store) into ``storage/quarantine/``, never overwriting.
-
-    The file keeps its name (a digest, never a dataset attribute), with ``.1``, ``.2``… added
-    when that name is taken.  Linked first, then unlinked, so that at no moment is it in
-    neither place; both folders are fsynced.  Returns where it went.
-    """
-    folder = storage / QUARANTINE
-    folder.mkdir(exist_ok=True)
-    target = folder / path.name
-    suffix = 0
-    while True:
-        try:
-            os.link(path, target)
-            break
-        except FileExistsError:
-            suffix += 1
-            target = folder / f"{path.name}.{suffix}"
-    with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the copy is what counts
-        os.unlink(path)
-    _fsync_dir(folder)
-    _fsync_dir(path.parent)
-    return target

@@ -50,8 +50,8 @@ from node.index.maintenance import (
 )
 from node.index.writer import IndexWriter, InstanceExists, Source
 from node.maintenance import NoProgress, Progress
-from node.maintenance.files import DicomFile, NotDicom, frame, quarantine
-from node.store import Store
+from node.maintenance.files import DicomFile, NotDicom, frame
+from node.store import Store, fsync
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,6 @@ def _sqlite_files(path: Path) -> list[Path]:
     return [path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))]
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rebuild_sqlite(config: NodeConfig, store: Store, report: ReindexReport,
                     progress: Progress) -> None:
     target = config.database.path
@@ -128,7 +120,7 @@ def _rebuild_sqlite(config: NodeConfig, store: Store, report: ReindexReport,
         _fill(db, store, config.duplicates, report, progress)
         execute(db, "PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
-        _fsync(building)
+        fsync(building)
     except BaseException:
         if not db.is_closed():
             db.close()
@@ -139,7 +131,7 @@ def _rebuild_sqlite(config: NodeConfig, store: Store, report: ReindexReport,
     for old in _sqlite_files(target)[1:]:
         old.unlink(missing_ok=True)
     os.replace(building, target)
-    _fsync(target.parent, directory=True)
+    fsync(target.parent, directory=True)
 
 
 def _rebuild_in_place(config: NodeConfig, store: Store, report: ReindexReport,
@@ -237,7 +229,7 @@ class _Filler:
         return False
 
     def _quarantine(self, path: Path, why: str) -> None:
-        moved = quarantine(self.store.root, path)
+        moved = self.store.quarantine(path)
         self.report.quarantined += 1
         self.report.errors[why] += 1
         log.warning("file %s cannot be indexed (%s): moved to %s", path.name, why, moved)

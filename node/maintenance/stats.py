@@ -22,7 +22,6 @@ from node.index.maintenance import (
     modality_counts,
     received_range,
 )
-from node.maintenance.files import QUARANTINE
 from node.store import Store
 
 TOP_MODALITIES = 10
@@ -68,7 +67,7 @@ def collect(db: Database, store: Store, top: int = TOP_MODALITIES,
         counts=level_counts(db),
         indexed_bytes=indexed_bytes(db),
         disk=usage(str(store.objects)) if disk else None,
-        quarantine=usage(str(store.root / QUARANTINE)),
+        quarantine=usage(str(store.quarantined)),
         modalities=modality_counts(db, top),
         first_received=first,
         last_received=last,

@@ -47,7 +47,7 @@ from node.index.maintenance import (
 from node.index.writer import Source
 from node.ingest import Ingestor, Outcome, Received
 from node.maintenance import NoProgress, Progress
-from node.maintenance.files import NotDicom, quarantine, read_dicom_file, sha256_of
+from node.maintenance.files import NotDicom, read_dicom_file, sha256_of
 from node.store import Store
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class Verifier:
                  "%s that holds it", uid, problem.value, holder.digest, digest)
 
     def _quarantine(self, path: Path, why: str = "") -> Path:
-        moved = quarantine(self.store.root, path)
+        moved = self.store.quarantine(path)
         self.report.quarantined += 1
         if why:
             log.info("moved file %s to %s: %s", path.name, moved, why)
