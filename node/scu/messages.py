@@ -42,6 +42,7 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_GET_RSP = 0x8010
 C_MOVE_RSP = 0x8021
+C_FIND_RSP = 0x8020
 _DATASET_PRESENT = 0x0000  # PS3.7 9.3: any value but 0x0101 says a data set follows
 _NO_DATASET = 0x0101
 _PDV_OVERHEAD = 6  # item length (4), context ID (1), message control header (1)
@@ -114,6 +115,21 @@ def store_request(instance: StoredInstance, message_id: int, priority: int,
     return _command(*elements)
 
 
+def _response(command_field: int, message_id: int, sop_class: str, status: int,
+              comment: str, dataset: bool) -> list[bytes]:
+    """The elements every response command set starts with (PS3.7 9.3), in tag order."""
+    elements = [
+        _uid(0x0002, sop_class),
+        _us(0x0100, command_field),
+        _us(0x0120, message_id),
+        _us(0x0800, _DATASET_PRESENT if dataset else _NO_DATASET),
+        _us(0x0900, status),
+    ]
+    if comment:
+        elements.append(_text(0x0902, comment[:64]))  # Error Comment is LO
+    return elements
+
+
 def retrieve_response(command_field: int, message_id: int, sop_class: str, status: int,
                       counts: tuple[int | None, int, int, int], comment: str = "",
                       identifier: bool = False) -> bytes:
@@ -122,15 +138,7 @@ def retrieve_response(command_field: int, message_id: int, sop_class: str, statu
     ``counts`` are the Remaining (None: left out), Completed, Failed and Warning sub-operations.
     """
     remaining, completed, failed, warning = counts
-    elements = [
-        _uid(0x0002, sop_class),
-        _us(0x0100, command_field),
-        _us(0x0120, message_id),
-        _us(0x0800, _DATASET_PRESENT if identifier else _NO_DATASET),
-        _us(0x0900, status),
-    ]
-    if comment:
-        elements.append(_text(0x0902, comment[:64]))  # Error Comment is LO
+    elements = _response(command_field, message_id, sop_class, status, comment, identifier)
     if remaining is not None:
         elements.append(_us(0x1020, remaining))
     elements += [_us(0x1021, completed), _us(0x1022, failed), _us(0x1023, warning)]
@@ -419,36 +427,16 @@ def _store_response(pdu: bytes) -> StoreResponse | None:
     return StoreResponse(us.get(0x0120), us.get(0x0900), comment)
 
 
-C_FIND_RSP = 0x8020
-
-
 def find_response(message_id: int, sop_class: str, status: int, comment: str = "",
                   identifier: bool = False) -> bytes:
     """A C-FIND-RSP command set (PS3.7 Table 9.3-3); Pending ones carry an identifier."""
-    elements = [
-        _uid(0x0002, sop_class),
-        _us(0x0100, C_FIND_RSP),
-        _us(0x0120, message_id),
-        _us(0x0800, _DATASET_PRESENT if identifier else _NO_DATASET),
-        _us(0x0900, status),
-    ]
-    if comment:
-        elements.append(_text(0x0902, comment[:64]))  # Error Comment is LO
-    return _command(*elements)
+    return _command(*_response(C_FIND_RSP, message_id, sop_class, status, comment, identifier))
 
 
 def store_response(message_id: int, sop_class: str, sop_instance: str, status: int,
                    comment: str = "") -> bytes:
-    """A C-STORE-RSP command set (PS3.7 Table 9.3-2): Command Field 0x8001, no data set."""
-    elements = [
-        _uid(0x0002, sop_class),
-        _us(0x0100, 0x8001),
-        _us(0x0120, message_id),
-        _us(0x0800, _NO_DATASET),
-        _us(0x0900, status),
-    ]
-    if comment:
-        elements.append(_text(0x0902, comment[:64]))  # Error Comment is LO
+    """A C-STORE-RSP command set (PS3.7 Table 9.3-2): no data set."""
+    elements = _response(C_STORE_RSP, message_id, sop_class, status, comment, False)
     elements.append(_uid(0x1000, sop_instance))
     return _command(*elements)
 
