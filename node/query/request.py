@@ -57,21 +57,24 @@ def _text(element: DataElement) -> str:
     return str(value).strip()
 
 
-def _level(identifier: Dataset, root: Root) -> Level:
+def query_level(identifier: Dataset, root: Root,
+                invalid: type[NodeError] = InvalidQuery) -> Level:
+    """The identifier's Query/Retrieve Level, checked against the model (C-FIND, C-MOVE and
+    C-GET alike); ``invalid`` is raised, naming what is wrong, when it is missing or bad."""
     raw = identifier.get("QueryRetrieveLevel")
     name = str(raw or "").strip().upper()
     if name not in Level.__members__:
-        raise InvalidQuery("Query/Retrieve Level missing or not PATIENT/STUDY/SERIES/IMAGE")
+        raise invalid("Query/Retrieve Level missing or not PATIENT/STUDY/SERIES/IMAGE")
     level = Level[name]
     if root is Root.STUDY and level is Level.PATIENT:
-        raise InvalidQuery("the Study Root model has no PATIENT level")  # PS3.4 C.6.2.1
+        raise invalid("the Study Root model has no PATIENT level")  # PS3.4 C.6.2.1
     return level
 
 
 def parse_request(identifier: Dataset, root: Root,
                   combined_date_time: bool = False) -> FindRequest:
     """Check ``identifier`` against the information model and split it into match/return."""
-    level = _level(identifier, root)
+    level = query_level(identifier, root)
     conditions: dict[str, str] = {}
     returned: list[Returned] = []
     unmatched: list[int] = []

@@ -16,6 +16,7 @@ from pydicom.multival import MultiValue
 
 from node.errors import NodeError
 from node.query.keys import UNIQUE_KEYS, Level, Root
+from node.query.request import query_level
 
 # More UIDs than this in one list is refused rather than turned into a SQL statement with as many
 # parameters (SQLite allows 32,766); a retrieve of that many entities should be split.
@@ -51,19 +52,9 @@ def _values(identifier: Dataset, keyword: str) -> list[str]:
     return values
 
 
-def _level(identifier: Dataset, root: Root) -> Level:
-    name = str(identifier.get("QueryRetrieveLevel") or "").strip().upper()
-    if name not in Level.__members__:
-        raise InvalidRetrieve("Query/Retrieve Level missing or not PATIENT/STUDY/SERIES/IMAGE")
-    level = Level[name]
-    if root is Root.STUDY and level is Level.PATIENT:
-        raise InvalidRetrieve("the Study Root model has no PATIENT level")  # PS3.4 C.6.2.1
-    return level
-
-
 def parse_retrieve(identifier: Dataset, root: Root) -> RetrieveRequest:
     """Check ``identifier`` against the information model; raises InvalidRetrieve."""
-    level = _level(identifier, root)
+    level = query_level(identifier, root, InvalidRetrieve)
     top = Level.PATIENT if root is Root.PATIENT else Level.STUDY
     keys: dict[Level, tuple[str, ...]] = {}
     for current in Level:
