@@ -32,7 +32,7 @@ from node.errors import NodeError, OutOfResources
 from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
-from node.scu.messages import find_response, transmit
+from node.scu.messages import find_response, send_message
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,10 @@ class _Query:
     def _send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
         # One response per PDU: PDVs of several messages in one P-DATA-TF PDU are legal, but
         # pynetdicom 3.0 (and so many SCUs built on it) drops all after the first message.
-        # Written from this thread when the DUL allows it, else queued for the DUL.
+        # Queued for the DUL thread, which writes every PDU of the association in order.
         command = find_response(self.message_id, self.sop_class, status, comment,
                                 identifier is not None)
-        transmit(self.assoc, self.context_id, command, identifier)
+        send_message(self.assoc, self.context_id, command, identifier)
 
 
 class UndecodableIdentifier(NodeError):
