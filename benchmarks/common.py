@@ -481,6 +481,9 @@ class NodeServer(Server):
             f"port: {self.port}\n"
             f"storage: {json.dumps(str(self.storage))}\n"
             f"log_level: {self.log_level}\n"
+            # A closed benchmark network: the clients query and retrieve with their own AE
+            # titles, which are not configured peers.
+            "unknown_peers: all\n"
         )
         if self.peers:
             text += "peers:\n" + "".join(

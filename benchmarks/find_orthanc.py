@@ -202,7 +202,8 @@ class NodeRun:
         config = self.workdir / "node.yaml"
         config.write_text(f"ae_title: {NODE_AET}\nbind: {HOST}\nport: {self.port}\n"
                           f"storage: {json.dumps(str(self.workdir / 'storage'))}\n"
-                          "log_level: warning\n")
+                          "log_level: warning\n"
+                          "unknown_peers: all\n")  # the benchmark's SCU is no configured peer
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [self.python, "-m", "node", "serve", "-c", str(config)], cwd=REPO,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,16 +18,20 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node.cli_maintenance import (
+    delete_arguments,
     import_arguments,
+    migrate_arguments,
     reindex_arguments,
+    run_delete,
     run_import,
+    run_migrate,
     run_reindex,
     run_stats,
     run_verify,
     stats_arguments,
     verify_arguments,
 )
-from node.config import ConfigError, NodeConfig, load_config
+from node.config import ConfigError, NodeConfig, Peer, load_config
 from node.errors import NodeError
 from node.index.database import SchemaMismatch
 from node.logs import setup_logging
@@ -68,6 +73,13 @@ def _client_logging(config: NodeConfig) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
+def _peer_tls(config: NodeConfig, peer: Peer) -> ssl.SSLContext | None:
+    """The context to call ``peer`` over TLS with: built (its files read) for a TLS peer only."""
+    from node.tls import client_context
+
+    return client_context(config.tls) if peer.tls and config.tls is not None else None
+
+
 def _find(config: NodeConfig, args: argparse.Namespace) -> int:
     from node.cli_output import print_matches
     from node.remote.query import build_query, parse_key_values, resolve_peer
@@ -77,7 +89,8 @@ def _find(config: NodeConfig, args: argparse.Namespace) -> int:
     query = build_query(args.level, parse_key_values(args.key), args.root)
     calling_ae = args.calling_ae or config.ae_title
     _client_logging(config)
-    matches = list(find_query(peer, calling_ae, query, timeout=args.timeout))
+    matches = list(find_query(peer, calling_ae, query, timeout=args.timeout,
+                              tls=_peer_tls(config, peer)))
     print_matches(query.keys, matches, as_json=args.json, out=sys.stdout)
     print(f"{len(matches)} match{'' if len(matches) == 1 else 'es'}", file=sys.stderr)
     return EXIT_OK
@@ -90,7 +103,8 @@ def _echo(config: NodeConfig, args: argparse.Namespace) -> int:
 
     peer = resolve_peer(config, args.peer)
     _client_logging(config)
-    times = echo(peer, args.calling_ae or config.ae_title, timeout=args.timeout)
+    times = echo(peer, args.calling_ae or config.ae_title, timeout=args.timeout,
+                 tls=_peer_tls(config, peer))
     print(f"{where(peer)}: C-ECHO answered in {times.round_trip * 1000:.1f} ms "
           f"(association established in {times.association * 1000:.1f} ms)")
     return EXIT_OK
@@ -114,11 +128,13 @@ def _pull(config: NodeConfig, args: argparse.Namespace) -> int:
         raise BadRequest(f"{args.peer} is this node's own AE title: pull from another peer")
     calling_ae, timeout = args.calling_ae or config.ae_title, args.timeout
     _client_logging(config)
+    tls = _peer_tls(config, peer)
     services = open_services(config)
     try:
         holdings = Holdings(services.db)
         progress = ProgressBar(sys.stderr)
-        plan = plan_pull(selection, partial(find_query, peer, calling_ae, timeout=timeout),
+        plan = plan_pull(selection,
+                         partial(find_query, peer, calling_ae, timeout=timeout, tls=tls),
                          holdings, progress)
         if plan.dropped:
             print(f"dicom-node: {plan.dropped} of the studies {peer.ae_title} answered do not "
@@ -131,9 +147,9 @@ def _pull(config: NodeConfig, args: argparse.Namespace) -> int:
                      on_progress: Callable[[SubOperations], None]) -> SubOperations:
             if args.method == "get":
                 return get(peer, calling_ae, request.identifier(), request.sop_classes,
-                           services.ingestor.receive, timeout, on_progress)
+                           services.ingestor.receive, timeout, on_progress, tls=tls)
             return move(peer, calling_ae, request.identifier(), config.ae_title, timeout,
-                        on_progress)
+                        on_progress, tls=tls)
 
         moving = args.method == "move" and plan.missing > 0
         with _receiving_moves(services) if moving else nullcontext(False):
@@ -297,6 +313,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     ),
     "reindex": (run_reindex, "rebuild the whole index from the store (serve must be stopped)"),
     "stats": (run_stats, "counts per level, store size, top modalities, last received"),
+    "delete": (run_delete, "delete patients, studies, series or instances from the archive"),
+    "migrate": (run_migrate, "copy the index into a new PostgreSQL database (serve stopped)"),
 }
 # Arguments a command takes besides -c/--config.
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
@@ -307,6 +325,8 @@ ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "verify": verify_arguments,
     "reindex": reindex_arguments,
     "stats": stats_arguments,
+    "delete": delete_arguments,
+    "migrate": migrate_arguments,
 }
 
 

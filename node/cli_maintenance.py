@@ -1,4 +1,5 @@
-"""The maintenance subcommands: ``import``, ``verify``, ``reindex`` and ``stats``.
+"""The maintenance subcommands: ``import``, ``verify``, ``reindex``, ``stats``, ``delete``
+and ``migrate``.
 
 Each reads its arguments, opens what it needs, runs the domain code of ``node.maintenance`` with a
 progress bar when stderr is a terminal, prints the summary on stdout (reasons on stderr) and
@@ -125,6 +126,77 @@ def run_stats(config: NodeConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_migrate(config: NodeConfig, args: argparse.Namespace) -> int:
+    from node.config import ConfigError, parse_database_url
+    from node.maintenance.migrate import migrate
+    from node.store import Store
+
+    try:
+        target = parse_database_url(args.to, Path.cwd())
+    except ConfigError as exc:
+        raise BadRequest(f"--to: {exc}") from exc
+    if not (config.storage / "objects").is_dir():
+        raise NodeError(f"no store at {config.storage} (no objects/ folder): nothing to migrate")
+    setup_logging(config.log_level)
+    store = Store(config.storage)
+    store.open()
+    try:
+        with _index_errors(config):
+            report = migrate(config, store, target, _progress())
+    finally:
+        store.close()
+    print(report.line())
+    print(f"next: set `database: {args.to}` in {config.source or 'the config'} and start "
+          "the node")
+    return EXIT_OK
+
+
+def run_delete(config: NodeConfig, args: argparse.Namespace) -> int:
+    from node.index.deletion import Level
+    from node.services import open_services
+
+    named = [(level, values) for level, values in (
+        (Level.PATIENT, args.patient), (Level.STUDY, args.study), (Level.SERIES, args.series),
+        (Level.INSTANCE, args.instance)) if values]
+    if len(named) != 1:
+        raise BadRequest("name what to delete with one of --patient, --study, --series or "
+                         "--instance (each may be repeated)")
+    if args.issuer is not None and named[0][0] is not Level.PATIENT:
+        raise BadRequest("--issuer goes with --patient")
+    level, values = named[0]
+    setup_logging(config.log_level)
+    services = open_services(config)
+    try:
+        with _index_errors(config):
+            studies = services.deleter.studies(level, values, args.issuer)
+            if not studies:
+                print(f"dicom-node: no {level.value} held matches", file=sys.stderr)
+                return EXIT_FAILURE
+            if args.dry_run:
+                print(f"delete --dry-run: {len(studies)} studies hold what was named:")
+                for _, uid in studies:
+                    print(f"  {uid}")
+                return EXIT_OK
+            progress = _progress()
+            if progress is not None:
+                progress.start(len(studies))
+            try:
+                report = services.deleter.delete(
+                    level, values, args.issuer, reason="deleted by dicom-node delete",
+                    progress=None if progress is None
+                    else lambda done, _total: progress.update(done, 0))
+            finally:
+                if progress is not None:
+                    progress.finish()
+    finally:
+        services.close()
+    print(f"delete: {report.line()}")
+    for uid in report.leased:
+        print(f"dicom-node: study {uid} not deleted: a retrieve is sending it; run again later",
+              file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -191,3 +263,48 @@ def stats_arguments(command: argparse.ArgumentParser) -> None:
                          help="modalities listed (default: 10)")
     command.add_argument("--no-disk", action="store_true",
                          help="skip the walk of the store that measures its size on disk")
+
+
+DELETE_EPILOG = """\
+Deletes whole patients or studies, or series or single instances, from the index and the
+store: each study's rows in one transaction, then its files. Series, studies and patients left
+without instances go with them. A study that a C-MOVE or C-GET is sending (from any node sharing
+the index) is left and named; run the command again later. Safe while `serve` runs. Each
+deleted study is logged by its UID. There is no undo: back up first (README, Operations).
+Exit 0 when everything named was deleted, 1 when nothing matched or a study was left, 2 for
+bad arguments.
+"""
+
+
+def delete_arguments(command: argparse.ArgumentParser) -> None:
+    command.formatter_class = argparse.RawDescriptionHelpFormatter
+    command.epilog = DELETE_EPILOG
+    what = command.add_argument_group("what to delete (one kind, repeatable)")
+    what.add_argument("--patient", action="append", default=[], metavar="ID",
+                      help="every study of the patient with this Patient ID")
+    what.add_argument("--issuer", metavar="ISSUER",
+                      help="with --patient: only that Issuer of Patient ID (default: any)")
+    what.add_argument("--study", action="append", default=[], metavar="UID",
+                      help="the study with this Study Instance UID")
+    what.add_argument("--series", action="append", default=[], metavar="UID",
+                      help="the series with this Series Instance UID")
+    what.add_argument("--instance", action="append", default=[], metavar="UID",
+                      help="the instance with this SOP Instance UID")
+    command.add_argument("--dry-run", action="store_true",
+                         help="list the studies concerned, delete nothing")
+
+
+MIGRATE_EPILOG = """\
+Copies the index (patients, studies, series, instances, with their ids) from the database in
+the config into an empty PostgreSQL database, in one transaction, and checks the row counts.
+The store is not touched. Stop `serve` first: migrate refuses while another process has the
+store open. Then set `database:` to the new URL and start the node. A target that holds index
+rows already is refused. Exit 0 when all rows were copied.
+"""
+
+
+def migrate_arguments(command: argparse.ArgumentParser) -> None:
+    command.formatter_class = argparse.RawDescriptionHelpFormatter
+    command.epilog = MIGRATE_EPILOG
+    command.add_argument("--to", required=True, metavar="URL",
+                         help="the new index: postgresql://user:password@host:port/dbname")

@@ -17,12 +17,16 @@ from typing import Any
 
 import yaml
 
+from node import config_values as check
+from node.config_peers import ALL_SERVICES as ALL_SERVICES
+from node.config_peers import Peer as Peer
+from node.config_peers import Service as Service
+from node.config_peers import UnknownPeers as UnknownPeers
+from node.config_peers import parse_peers
+from node.config_values import ConfigError as ConfigError
+
 DEFAULT_AE_TITLE = "DICOMNODE"
 DEFAULT_PORT = 11112
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; the message names the offending key."""
 
 
 class DuplicatePolicy(StrEnum):
@@ -31,18 +35,6 @@ class DuplicatePolicy(StrEnum):
     KEEP = "keep"  # keep the first copy, answer Success (Orthanc's default)
     REPLACE = "replace"  # the newer copy wins
     REJECT = "reject"  # refuse the newer copy with a failure status
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A remote application entity the node knows by AE title."""
-
-    ae_title: str
-    host: str
-    port: int
-    # May C-MOVE requests (from anyone) send this peer instances? PS3.4 C.4.2.1.5: a
-    # destination the node does not allow is answered 0xA801, as an unknown one.
-    move_destination: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +50,50 @@ class DatabaseURL:
         if self.path is not None:
             return f"sqlite:{self.path}"
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.url)
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where the optional Prometheus endpoint listens (HTTP, ``/metrics``)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 9112
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 B.9-B.12): the node's certificate, and whom it trusts.
+
+    ``port`` is the TLS listener (beside the plain one); the certificate and key also serve
+    the node's outgoing TLS associations (peers with ``tls: true``), where ``ca`` verifies the
+    peer's certificate.  On the listener, ``ca`` verifies client certificates, which are
+    required only with ``require_client_certificate``.
+    """
+
+    port: int
+    certificate: Path
+    key: Path
+    ca: Path | None = None
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class Retention:
+    """When the node deletes studies by itself (oldest received first), and which never.
+
+    ``max_store_size`` bounds the bytes of the indexed files; ``max_age_days`` the days since a
+    study's first instance arrived.  0 turns a limit off; with both off nothing is deleted.
+    """
+
+    max_store_size: int = 0
+    max_age_days: int = 0
+    protected_patients: frozenset[str] = frozenset()
+    protected_studies: frozenset[str] = frozenset()
+    check_interval: float = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_store_size or self.max_age_days)
 
 
 @dataclass(frozen=True)
@@ -82,76 +118,38 @@ class NodeConfig:
     stop_grace: float = 10.0
     names_case_insensitive: bool = True
     find_max_matches: int = 0
+    max_instance_size: int = 2 * 1024**3
+    metrics: MetricsEndpoint | None = None
+    retention: Retention = Retention()
+    unknown_peers: UnknownPeers = UnknownPeers.STORE
+    max_associations_per_peer: int = 0
+    tls: TlsSettings | None = None
+    min_free_space: int = 100 * 1000**2
+    reuse_port: bool = False
     source: Path | None = None  # the file it came from, for messages
 
 
-# --- value checkers: each takes the raw YAML value and the key, returns the typed value ------
-
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash/controls
-
-
-def _ae_title(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
-        raise ConfigError(f"{key}: must be an AE title of 1-16 printable characters, no '\\'")
-    return value.strip()
+def _metrics(value: Any, key: str) -> MetricsEndpoint:
+    checked = check.section(value, key, {"bind": check.host, "port": check.port})
+    if checked.get("port") == 0:
+        raise ConfigError(f"{key}.port: must be a port number 1-65535")
+    return MetricsEndpoint(**checked)
 
 
-def _host(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
-        raise ConfigError(f"{key}: must be a host name or IP address")
-    return value
+def _retention(value: Any, key: str) -> Retention:
+    checked = check.section(value, key, {
+        "max_store_size": check.size, "max_age_days": check.non_negative_int,
+        "protected_patients": check.string_set, "protected_studies": check.string_set,
+        "check_interval": check.seconds,
+    })
+    return Retention(**checked)
 
 
-def _port(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ConfigError(f"{key}: must be a port number 0-65535, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}: must be a whole number of at least 1, got {value!r}")
-    return value
-
-
-def _non_negative_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{key}: must be a whole number of at least 0, got {value!r}")
-    return value
-
-
-def _boolean(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
-    return value
-
-
-def _seconds(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{key}: must be a number of seconds above 0, got {value!r}")
-    return float(value)
-
-
-def _max_pdu(value: Any, key: str) -> int:
-    # PS3.8 D.3.3.2.1: 0 means unlimited; anything else must hold a PDV header and some data.
-    if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or value >= 4096):
-        raise ConfigError(f"{key}: must be 0 (unlimited) or at least 4096 bytes, got {value!r}")
-    return value
-
-
-def _choice(*choices: str) -> Callable[[Any, str], str]:
-    def check(value: Any, key: str) -> str:
-        if not isinstance(value, str) or value.lower() not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-        return value.lower()
-
-    return check
-
-
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: must be a non-empty string")
-    return value
+def _instance_size(value: Any, key: str) -> int:
+    size = check.size(value, key)
+    if size < 1024:
+        raise ConfigError(f"{key}: must be at least 1 KiB, got {value!r}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -164,33 +162,48 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "ae_title": Setting(_ae_title, DEFAULT_AE_TITLE, "the node's own AE title"),
-    "bind": Setting(_host, "0.0.0.0", "address the DICOM listener binds to"),
-    "port": Setting(_port, DEFAULT_PORT, "TCP port of the DICOM listener"),
-    "storage": Setting(_string, "storage", "directory of the content-hashed store"),
-    "database": Setting(_string, None, "index URL; default: SQLite inside the store"),
+    "ae_title": Setting(check.ae_title, DEFAULT_AE_TITLE, "the node's own AE title"),
+    "bind": Setting(check.host, "0.0.0.0", "address the DICOM listener binds to"),
+    "port": Setting(check.port, DEFAULT_PORT, "TCP port of the DICOM listener"),
+    "storage": Setting(check.string, "storage", "directory of the content-hashed store"),
+    "database": Setting(check.string, None, "index URL; default: SQLite inside the store"),
     "peers": Setting(lambda v, k: v, {}, "remote AEs: AE title -> {host, port}"),
     "duplicates": Setting(
-        _choice("keep", "replace", "reject"), "keep", "same SOP Instance UID, other content"
+        check.choice("keep", "replace", "reject"), "keep", "same SOP Instance UID, other content"
     ),
-    "log_level": Setting(_choice("debug", "info", "warning", "error"), "info", "log verbosity"),
-    "max_associations": Setting(_positive_int, 16, "associations served at once"),
-    "max_pdu": Setting(_max_pdu, 262144, "largest PDU the node accepts, bytes (0: unlimited)"),
-    "acse_timeout": Setting(_seconds, 30.0, "seconds to wait for association messages"),
-    "dimse_timeout": Setting(_seconds, 60.0, "seconds to wait for DIMSE messages"),
-    "network_timeout": Setting(_seconds, 120.0, "seconds an idle association is kept"),
-    "database_retries": Setting(_non_negative_int, 3, "retries of a failed index write"),
-    "database_timeout": Setting(_seconds, 10.0, "seconds to wait for a locked index"),
-    "stop_grace": Setting(_seconds, 10.0, "seconds open associations get to finish on stop"),
-    "names_case_insensitive": Setting(_boolean, True, "C-FIND person names ignore case"),
-    "find_max_matches": Setting(_non_negative_int, 0, "C-FIND answers at most this (0: all)"),
+    "log_level": Setting(check.choice("debug", "info", "warning", "error"), "info",
+                         "log verbosity"),
+    "max_associations": Setting(check.positive_int, 16, "associations served at once"),
+    "max_pdu": Setting(check.max_pdu, 262144, "largest PDU the node accepts, bytes (0: unlimited)"),
+    "acse_timeout": Setting(check.seconds, 30.0, "seconds to wait for association messages"),
+    "dimse_timeout": Setting(check.seconds, 60.0, "seconds to wait for DIMSE messages"),
+    "network_timeout": Setting(check.seconds, 120.0, "seconds an idle association is kept"),
+    "database_retries": Setting(check.non_negative_int, 3, "retries of a failed index write"),
+    "database_timeout": Setting(check.seconds, 10.0, "seconds to wait for a locked index"),
+    "stop_grace": Setting(check.seconds, 10.0, "seconds open associations get to finish on stop"),
+    "names_case_insensitive": Setting(check.boolean, True, "C-FIND person names ignore case"),
+    "find_max_matches": Setting(check.non_negative_int, 0, "C-FIND answers at most this (0: all)"),
+    "max_instance_size": Setting(_instance_size, 2 * 1024**3,
+                                 "largest instance a C-STORE may send, bytes or with a unit"),
+    "metrics": Setting(_metrics, None, "Prometheus endpoint {bind, port}; absent: none"),
+    "retention": Setting(_retention, None, "automatic deletion of the oldest studies"),
+    "unknown_peers": Setting(check.choice(*(u.value for u in UnknownPeers)), "store",
+                             "what calling AEs not among peers may do"),
+    "max_associations_per_peer": Setting(check.non_negative_int, 0,
+                                         "associations one calling AE title may hold (0: any)"),
+    "tls": Setting(lambda v, k: v, None, "DICOM TLS listener and outgoing TLS; absent: none"),
+    "min_free_space": Setting(check.size, "100 MB",
+                              "C-STORE answers 0xA700 while the store's disk has less free"),
+    "reuse_port": Setting(check.boolean, False,
+                          "several nodes on this host may listen on the same port"),
 }
 
 # Keys a running node takes on when it reloads its configuration (SIGHUP, node.config_reload).
 # Every other key went into something built once at start-up (the listening socket, the AE's
 # title and limits, the store, the index connection, the C-FIND engine), so changing it needs a
 # restart; a new key is in that group until someone makes it live and lists it here.
-LIVE_KEYS = frozenset({"peers", "log_level", "stop_grace"})
+LIVE_KEYS = frozenset({"peers", "log_level", "stop_grace", "retention", "unknown_peers",
+                       "max_associations_per_peer"})
 
 
 def changed_keys(old: NodeConfig, new: NodeConfig) -> list[str]:
@@ -203,33 +216,26 @@ def changed_keys(old: NodeConfig, new: NodeConfig) -> list[str]:
             if f.name != "source" and getattr(old, f.name) != getattr(new, f.name)]
 
 
-_PEER_KEYS = {"host", "port"}  # required
-_PEER_OPTIONAL = {"move_destination"}
-
-
-def _peers(raw: Any) -> dict[str, Peer]:
+def _tls(raw: Any, base: Path) -> TlsSettings | None:
+    """The ``tls`` section; file paths resolve against ``base`` (checked at start-up)."""
     if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError("peers: must be a mapping from AE title to {host, port}")
-    peers: dict[str, Peer] = {}
-    for title, spec in raw.items():
-        key = f"peers.{title}"
-        ae = _ae_title(title, key)
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{key}: must be a mapping with host and port")
-        unknown = sorted(set(map(str, spec)) - _PEER_KEYS - _PEER_OPTIONAL)
-        if unknown:
-            allowed = ", ".join(sorted(_PEER_KEYS | _PEER_OPTIONAL))
-            raise ConfigError(f"{key}.{unknown[0]}: unknown key (allowed: {allowed})")
-        for needed in sorted(_PEER_KEYS - set(spec)):
-            raise ConfigError(f"{key}.{needed}: missing")
-        port = _port(spec["port"], f"{key}.port")
-        if port == 0:
-            raise ConfigError(f"{key}.port: must be a port number 1-65535")
-        destination = _boolean(spec.get("move_destination", True), f"{key}.move_destination")
-        peers[ae] = Peer(ae, _host(spec["host"], f"{key}.host"), port, destination)
-    return peers
+        return None
+    spec: dict[str, Callable[[Any, str], Any]] = {
+        "port": check.port, "certificate": check.string, "key": check.string,
+        "ca": check.string, "require_client_certificate": check.boolean}
+    checked = check.section(raw, "tls", spec)
+    for needed in ("port", "certificate", "key"):
+        if needed not in checked:
+            raise ConfigError(f"tls.{needed}: missing")
+    if checked["port"] == 0:
+        raise ConfigError("tls.port: must be a port number 1-65535")
+    if checked.get("require_client_certificate") and "ca" not in checked:
+        raise ConfigError("tls.require_client_certificate: needs tls.ca to verify them against")
+    return TlsSettings(
+        port=checked["port"], certificate=(base / checked["certificate"]).resolve(),
+        key=(base / checked["key"]).resolve(),
+        ca=(base / checked["ca"]).resolve() if "ca" in checked else None,
+        require_client_certificate=checked.get("require_client_certificate", False))
 
 
 def parse_database_url(value: str, base: Path) -> DatabaseURL:
@@ -256,7 +262,9 @@ def build_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     for name, setting in SETTINGS.items():
         value = raw.get(name, setting.default)
         if name == "peers":
-            values[name] = _peers(value)
+            values[name] = parse_peers(value)
+        elif name == "tls":
+            values[name] = _tls(value, base)
         elif value is None:
             values[name] = None
         else:
@@ -286,6 +294,14 @@ def build_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         stop_grace=values["stop_grace"],
         names_case_insensitive=values["names_case_insensitive"],
         find_max_matches=values["find_max_matches"],
+        max_instance_size=values["max_instance_size"],
+        metrics=values["metrics"],
+        retention=values["retention"] or Retention(),
+        unknown_peers=UnknownPeers(values["unknown_peers"]),
+        max_associations_per_peer=values["max_associations_per_peer"],
+        tls=values["tls"],
+        min_free_space=values["min_free_space"],
+        reuse_port=values["reuse_port"],
         source=source,
     )
 

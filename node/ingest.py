@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -50,10 +51,13 @@ class Received:
 class Ingestor:
     """The single way instances enter the archive (C-STORE, import and pull all use it)."""
 
-    def __init__(self, store: Store, index: IndexWriter, duplicates: DuplicatePolicy) -> None:
+    def __init__(self, store: Store, index: IndexWriter, duplicates: DuplicatePolicy,
+                 on_stored: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.index = index
         self.duplicates = duplicates
+        # Told the size of each new file kept (the retention policy watches the store grow).
+        self.on_stored = on_stored
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
     def receive(self, item: Received) -> Outcome:
@@ -93,29 +97,34 @@ class Ingestor:
                 return self._replace(header, digest, stored.size, item)
             try:
                 self.index.add(header, digest, stored.size, item.transfer_syntax, item.source)
+                if not stored.created and not self.store.exists(digest):
+                    # The file was there, but a deletion of an earlier copy of this instance
+                    # took it away before our row was committed (Store.remove_unreferenced).
+                    self.store.put(parts, digest)
             except InstanceExists:
                 # Another process indexed this UID between our lookup and our insert.
                 outcome = self._keep(header, parts, digest, item)
                 if outcome is Outcome.KEPT_EXISTING and stored.created:
                     self._discard(digest)
                 return outcome
-            return Outcome.STORED
         except BaseException:
             if stored.created:
                 self._discard(digest)
             raise
+        if stored.created and self.on_stored is not None:
+            self.on_stored(stored.size)
+        return Outcome.STORED
 
     def _replace(self, header: InstanceHeader, digest: str, size: int,
                  item: Received) -> Outcome:
         old = self.index.replace(header, digest, size, item.transfer_syntax, item.source)
-        if old is not None and old != digest and not self.index.is_referenced(old):
-            self.store.remove(old)
+        if old is not None and old != digest:
+            self.store.remove_unreferenced(old, self.index.is_referenced)
         return Outcome.REPLACED
 
     def _discard(self, digest: str) -> None:
         """Remove a file written for a failed ingest, unless a row points at it after all."""
         try:
-            if not self.index.is_referenced(digest):
-                self.store.remove(digest)
+            self.store.remove_unreferenced(digest, self.index.is_referenced)
         except (OSError, NodeError):  # must not mask the original error; the sweep gets it later
             log.exception("could not remove file of a failed ingest; start-up sweep will")

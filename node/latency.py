@@ -11,11 +11,16 @@ A ``ResponsiveDUL`` also lets the node's own retrieve code skip the DUL thread o
 thread, in order with whatever was queued before, and ``socket_lent`` keeps the DUL from reading
 while the caller reads one expected response itself.  Each hand-over between the caller and the
 DUL thread costs a wake-up and a GIL switch, and a C-STORE sub-operation has two of them.
+
+Its reads of the socket go through ``node.pdu_guard``, which refuses a PDU longer than
+negotiated before reading its body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
@@ -26,8 +31,11 @@ from typing import Any, cast
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+
+from node.pdu_guard import read_pdu
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,11 @@ class ResponsiveDUL(DULServiceProvider):
         # While a caller holds the socket (socket_lent) the DUL does not read it: to the DUL's
         # loop that is a look that found no data.  Once the association leaves data transfer
         # (an abort, from any thread) the DUL reads again, to see the connection through.
+        if not self.event_queue.empty():
+            # pynetdicom handles one event per loop, after its read: the event of a PDU read
+            # before the connection's own (Evt5) was handled is still queued, and the next
+            # read could block on what follows an invalid PDU.  Events first, then the next PDU.
+            return False
         with self._reading:
             if self._lent and self.state_machine.current_state == "Sta6":
                 return False
@@ -93,6 +106,11 @@ class ResponsiveDUL(DULServiceProvider):
                 self._last_read = time.monotonic()
                 return True
             return False
+
+    def _read_pdu_data(self) -> None:
+        # pynetdicom's read, refusing a PDU longer than its type allows before reading its
+        # body (node.pdu_guard); called with _reading held, from _is_transport_event.
+        read_pdu(self)
 
     def _plain_socket(self) -> socket.socket | None:
         """The connection's socket while it carries P-DATA (PS3.8 9.2 state Sta6), else None.
@@ -151,6 +169,37 @@ class ResponsiveDUL(DULServiceProvider):
         self._idle_timer.restart()
 
 
+# The events a local primitive raises (PS3.8 9.2 Table 9-10): none is valid in Sta13.
+_LOCAL_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+class _GuardedStateMachine(StateMachine):
+    """pynetdicom's state machine, with two ends made safe.
+
+    - An association over before it began (Sta2, the A-ASSOCIATE-RQ awaited, left for
+      anything but Sta3: connection closed, invalid PDU, A-ABORT, a request the DUL rejects
+      itself) wakes the acceptor's thread.  pynetdicom's waits ``acse_timeout`` for the
+      request whatever happened (Association.run), counting against ``max_associations``
+      meanwhile: a peer opening and dropping connections could keep the node full.  ``None``
+      is what that wait returns when it times out, and the thread then ends as for one.
+    - In Sta13 (association over, waiting for the connection to close) Table 9-10 has no event
+      for a local primitive.  One queued just before, e.g. the A-ASSOCIATE-AC racing an invalid
+      PDU that aborted the association, makes pynetdicom raise InvalidEventError, which ends
+      the DUL thread without closing the connection: it is dropped.
+    """
+
+    def do_action(self, event: str) -> None:
+        before = self.current_state
+        if before == "Sta13" and event in _LOCAL_EVENTS:
+            with contextlib.suppress(queue.Empty):  # (nothing to drop when already taken)
+                self.dul.to_provider_queue.get_nowait()  # the primitive it was raised for
+            return
+        super().do_action(event)
+        if before == "Sta2" and self.current_state != "Sta2" and self.current_state != "Sta3" \
+                and self.dul.assoc.is_acceptor:
+            self.dul.to_user_queue.put(None)
+
+
 def make_responsive(dul: DULServiceProvider) -> None:
     """Switch an association's DUL (before it starts serving) to the adaptive poll interval."""
     if type(dul) is DULServiceProvider:
@@ -158,6 +207,8 @@ def make_responsive(dul: DULServiceProvider) -> None:
         responsive._reading = threading.Lock()
         responsive._writing = threading.RLock()
         responsive._last_read = time.monotonic()  # a new connection: its first PDU is coming
+        if type(dul.state_machine) is StateMachine:
+            dul.state_machine.__class__ = _GuardedStateMachine
         dul.__class__ = ResponsiveDUL
 
 

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from node.dicom.contexts import (
     verification_contexts,
 )
 from node.errors import NodeError, StartupError
+from node.handlers.access import AccessGate
 from node.handlers.association import AssociationLog
 from node.handlers.direct import DirectRouter
 from node.handlers.echo import handle_echo
@@ -46,16 +48,18 @@ from node.handlers.store import handle_store
 from node.handlers.store_direct import StoreService
 from node.latency import make_association_responsive
 from node.logs import set_level
+from node.metrics import NO_METRICS, Endpoint, Metrics, Recorder, index_totals, start_endpoint
 from node.recovery import sweep
 from node.scu.send import Outgoing
 from node.services import Services, open_services
 from node.systemd import Notifier, Watchdog, watchdog_interval
+from node.tls import HandshakeFailed, client_context, handshake, server_context
 
 log = logging.getLogger(__name__)
 
 # After aborting an association, how long its handler may take to finish (see RunningNode.stop).
 ABORT_WAIT = 2.0
-# How often serve's loop checks, between signals, that the listener thread still runs.
+# How often serve's loop checks, between signals, that the listener threads still run.
 LIVENESS_CHECK = 5.0
 
 
@@ -63,19 +67,55 @@ class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with Nagle's algorithm off on every accepted connection.
 
     DIMSE responses are small writes; with Nagle on, each can wait for the peer's delayed ACK.
+    With an ``ssl_context`` (the TLS listener) the TLS handshake is done in the connection's
+    own thread, bounded by the ACSE timeout: pynetdicom's would hold the accepting thread for
+    as long as a client keeps quiet.
     """
 
     daemon_threads = True
+    reuse_port = False  # config reuse_port: _SharedPortServer
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        assert self.socket is not None
+        client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                handshake(request, self.ae.acse_timeout)
+            except HandshakeFailed as exc:
+                log.warning("TLS connection from %s refused: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Before bind: Linux lets a socket share a port only with sockets that all set
+            # SO_REUSEPORT (same user); the kernel then spreads new connections among them.
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def shutdown(self) -> None:
         # pynetdicom's shutdown also unregisters from AE.start_server's list; we use make_server.
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+class _SharedPortServer(NodeAssociationServer):
+    """The listener of one of several nodes sharing a port on this host (reuse_port).
+
+    A class rather than an argument: pynetdicom's make_server builds the server with fixed
+    arguments, and the socket is bound in the constructor.
+    """
+
+    reuse_port = True
 
 
 class _SupportedContext(PresentationContext):
@@ -121,8 +161,8 @@ def build_ae(config: NodeConfig) -> AE:
 
 
 @dataclass
-class RunningNode:
-    """A listening node; ``stop`` ends it."""
+class Acceptor:
+    """One listening socket (plain or TLS) and the thread accepting on it."""
 
     server: NodeAssociationServer
     thread: threading.Thread
@@ -131,11 +171,33 @@ class RunningNode:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
+
+@dataclass
+class RunningNode:
+    """A listening node (the plain listener, and the TLS one beside it); ``stop`` ends it."""
+
+    plain: Acceptor
+    tls: Acceptor | None = None
+
+    @property
+    def port(self) -> int:
+        return self.plain.port
+
+    @property
+    def acceptors(self) -> list[Acceptor]:
+        return [self.plain] if self.tls is None else [self.plain, self.tls]
+
+    def alive(self) -> bool:
+        """Every listener still accepts."""
+        return all(acceptor.thread.is_alive() for acceptor in self.acceptors)
+
     def stop(self, grace: float) -> None:
         """Stop accepting, let associations in flight finish for ``grace`` seconds, then abort."""
-        self.server.shutdown()
+        for acceptor in self.acceptors:
+            acceptor.server.shutdown()
         deadline = time.monotonic() + grace
-        still_open = list(self.server.active_associations)
+        still_open = [assoc for acceptor in self.acceptors
+                      for assoc in acceptor.server.active_associations]
         if still_open:
             log.info("no longer accepting associations; %d open, given up to %g s to finish",
                      len(still_open), grace)
@@ -150,57 +212,83 @@ class RunningNode:
                 # acknowledged that is not kept; a file left without a row is swept at the
                 # next start (node.recovery).
                 assoc.join(ABORT_WAIT)
-        self.thread.join(grace)
+        for acceptor in self.acceptors:
+            acceptor.thread.join(grace)
 
 
-def _tune_connection(event: Event, router: DirectRouter) -> None:
+def _tune_connection(event: Event, router: DirectRouter, gate: AccessGate) -> None:
     make_association_responsive(event.assoc)
+    gate.attach(event.assoc)
     router.attach(event.assoc)
 
 
-def retrieve_service(services: Services) -> RetrieveService:
+def retrieve_service(services: Services, metrics: Recorder = NO_METRICS) -> RetrieveService:
     """C-MOVE and C-GET (PS3.4 C.4.2, C.4.3), served by the node's handlers."""
     config = services.config
     # Sub-operation associations to move destinations wait as long as a DIMSE exchange may.
-    outgoing = Outgoing(config.ae_title, config.dimse_timeout, config.max_pdu)
+    outgoing = Outgoing(config.ae_title, config.dimse_timeout, config.max_pdu,
+                        client_context(config.tls) if config.tls is not None else None)
     return RetrieveService(
-        move=partial(handle_move, planner=services.planner, peers=services.peers,
-                     outgoing=outgoing),
+        move=partial(handle_move, planner=services.planner,
+                     config=lambda: services.config, outgoing=outgoing),
         get=partial(handle_get, planner=services.planner),
+        metrics=metrics,
     )
 
 
-def start(services: Services) -> RunningNode:
-    """Bind the listener and serve in a background thread."""
+def start(services: Services, metrics: Recorder = NO_METRICS) -> RunningNode:
+    """Bind the listeners (plain, and TLS when configured) and serve each in a background
+    thread; the handlers, the same on both, count into ``metrics``."""
     config = services.config
     ae = build_ae(config)
-    associations = AssociationLog()
+    associations = AssociationLog(metrics)
+    gate = AccessGate(lambda: services.config, metrics)  # the rules in force, at each decision
+    store = StoreService(services.ingestor, associations, metrics, config.max_instance_size)
     handlers = [
         # C-FIND, C-MOVE and C-GET are taken off each association here, not through pynetdicom's
         # events: its service classes encode every response (and re-encode every instance)
         # through pydicom (node.handlers.direct, retrieve_common, find).
         (evt.EVT_CONN_OPEN, _tune_connection,
-         [DirectRouter([StoreService(services.ingestor, associations).serve,
-                        retrieve_service(services).serve,
-                        FindService(services.finder).serve])]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [services.ingestor, associations]),
+         [DirectRouter([gate.serve,  # first: a request the caller may not make goes no further
+                        store.serve,
+                        retrieve_service(services, metrics).serve,
+                        FindService(services.finder, metrics).serve],
+                       after_request=services.release_connection), gate]),
+        # Every message's size is bounded from the first (max_instance_size).
+        (evt.EVT_CONN_OPEN, store.connected),
+        (evt.EVT_C_ECHO, handle_echo, [metrics]),
+        (evt.EVT_C_STORE, handle_store, [services.ingestor, associations, metrics]),
         (evt.EVT_SOP_EXTENDED, negotiate_find_extensions),
         *associations.handlers(),
     ]
+    tls = server_context(config.tls) if config.tls is not None else None  # files checked first
+    plain = _listen(ae, config.bind, config.port, handlers, None, config.reuse_port)
+    if config.tls is None:
+        return RunningNode(plain)
     try:
-        server = ae.make_server(
-            (config.bind, config.port),
-            evt_handlers=handlers,  # type: ignore[arg-type]
-            server_class=NodeAssociationServer,
-        )
+        secure = _listen(ae, config.bind, config.tls.port, handlers, tls, config.reuse_port)
+    except StartupError:
+        plain.server.shutdown()
+        raise
+    return RunningNode(plain, secure)
+
+
+def _listen(ae: AE, bind: str, port: int, handlers: list[Any],
+            tls: ssl.SSLContext | None, reuse_port: bool = False) -> Acceptor:
+    """A listener on ``bind``:``port`` (over TLS with ``tls``), accepting in its own thread;
+    with ``reuse_port``, other nodes on this host that set it too may listen on the port."""
+    server_class = _SharedPortServer if reuse_port else NodeAssociationServer
+    try:
+        server = ae.make_server((bind, port), evt_handlers=handlers,
+                                server_class=server_class, ssl_context=tls)
     except OSError as exc:
-        raise StartupError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror}") from exc
+        raise StartupError(f"cannot listen on {bind}:{port}: {exc.strerror}") from exc
     assert isinstance(server, NodeAssociationServer)
     server.contexts = _cheap_to_copy(server.contexts)
-    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    name = "dicom-listener" if tls is None else "dicom-tls-listener"
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
-    return RunningNode(server, thread)
+    return Acceptor(server, thread)
 
 
 class _Signals:
@@ -246,32 +334,65 @@ def serve(config: NodeConfig, environ: Mapping[str, str] | None = None) -> None:
         # A crash leaves at most one unacknowledged file per writer in flight: the
         # associations, and a pull's or an import's workers beside them.
         sweep(services.store, max_orphans=4 * config.max_associations + 64)
-        node = start(services)
+        metrics = (Metrics(config.ae_title, partial(index_totals, services.db))
+                   if config.metrics is not None else None)
+        node = start(services, metrics or NO_METRICS)
+        endpoint = _start_metrics(node, metrics, config)
         log.info(
             "%s listening on %s:%d; store %s; index %s",
             config.ae_title, config.bind, node.port, config.storage,
             config.database.describe(),
         )
+        if node.tls is not None:
+            log.info("TLS listening on %s:%d (client certificates %s)", config.bind,
+                     node.tls.port, _client_certificates(config))
         notifier.ready(f"serving {config.ae_title} on {config.bind}:{node.port}")
         stopping = threading.Event()
         interval = watchdog_interval(environ, os.getpid())
         # Once stopping, the listener is meant to be gone: the pings go on until the end.
         watchdog = (Watchdog(notifier, interval,
-                             lambda: stopping.is_set() or node.thread.is_alive())
+                             lambda: stopping.is_set() or node.alive())
                     if interval is not None else None)
         if watchdog is not None:
             watchdog.start()
+        services.retention.start()
         try:
             _run(node, services, signals, notifier)
         finally:
             stopping.set()
             notifier.stopping()
             node.stop(services.config.stop_grace)
+            services.retention.stop()
+            if endpoint is not None:
+                endpoint.stop()
             if watchdog is not None:
                 watchdog.stop()
     finally:
         services.close()
     log.info("stopped")
+
+
+def _client_certificates(config: NodeConfig) -> str:
+    tls = config.tls
+    if tls is None or tls.ca is None:
+        return "not asked for"
+    return "required" if tls.require_client_certificate else "verified when presented"
+
+
+def _start_metrics(node: RunningNode, metrics: Metrics | None,
+                   config: NodeConfig) -> Endpoint | None:
+    """The Prometheus endpoint, once the listener is up; a failure stops the listener."""
+    if metrics is None or config.metrics is None:
+        return None
+    try:
+        endpoint = start_endpoint(metrics, config.metrics)
+    except StartupError:
+        node.stop(0.0)
+        raise
+    bind = config.metrics.bind
+    log.info("metrics on http://%s:%d/metrics", f"[{bind}]" if ":" in bind else bind,
+             endpoint.port)
+    return endpoint
 
 
 def _run(node: RunningNode, services: Services, signals: _Signals, notifier: Notifier) -> None:
@@ -290,7 +411,7 @@ def _run(node: RunningNode, services: Services, signals: _Signals, notifier: Not
             if result.applied and "log_level" in result.changed:
                 set_level(services.config.log_level)
             notifier.reloaded(result.status())
-        if not node.thread.is_alive():
+        if not node.alive():
             # serve_forever ended by itself: exit non-zero so systemd (Restart=on-failure)
             # starts the node again, rather than run on deaf.
-            raise NodeError("the DICOM listener stopped unexpectedly")
+            raise NodeError("a DICOM listener stopped unexpectedly")

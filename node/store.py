@@ -28,11 +28,12 @@ import queue
 import re
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import StorageFull
+from node.free_space import FreeSpaceGuard
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,10 @@ class _DirectorySync:
 class Store:
     """Files addressed by digest, written durably and atomically."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_space: int = 0) -> None:
         self.root = root
+        # New files are refused while the disk has less free (node.free_space); 0: never.
+        self.space = FreeSpaceGuard(root, min_free_space)
         self.objects = root / "objects"
         self.tmp = root / "tmp"
         self.quarantined = root / "quarantine"  # files taken out of objects/, never deleted
@@ -235,7 +238,8 @@ class Store:
         """Write the concatenation of ``parts`` durably and return its digest.
 
         ``digest`` may be passed when the caller computed it already.  On any failure no file
-        is left behind; a full disk raises StorageFull.
+        is left behind; a full disk, or one below the store's ``min_free_space``, raises
+        StorageFull (content already held needs no space and is never refused).
         """
         digest = digest or digest_of(parts)
         if not _DIGEST.match(digest):
@@ -252,6 +256,7 @@ class Store:
                 self._make_durable_folder(folder)
                 _fsync_dir(folder)
                 return StoredFile(digest, size, created=False)
+            self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
             new_folder = folder not in self._durable_folders
             if new_folder:  # made before the file, so that one journal commit can carry both
                 _create_folder(folder)
@@ -343,6 +348,33 @@ class Store:
             return False
         _fsync_dir(path.parent)
         return True
+
+    def remove_unreferenced(self, digest: str, referenced: Callable[[str], bool]) -> bool:
+        """Delete the file with ``digest`` unless an index row names it; True when deleted.
+
+        For files whose rows were just deleted (or never committed).  The same instance may
+        arrive again meanwhile and find the file still there, so nothing new is written, and
+        index it: deleting the file then would leave a row without its file.  So the file is
+        first moved aside (into ``tmp/``, cleared at start-up), then the index is asked: a row
+        that names it now puts the file back; else it is deleted.  An ingest that committed its
+        row after that question finds the file gone and writes it again (node.ingest).
+        """
+        path = self.path_of(digest)
+        parked = os.path.join(self._tmp, f"{digest}.deleting")
+        try:
+            os.rename(path, parked)
+        except FileNotFoundError:
+            return False
+        keep = True  # also when the index cannot be asked
+        try:
+            keep = referenced(digest)
+        finally:
+            if keep:
+                with contextlib.suppress(FileExistsError):  # written again: same content
+                    os.link(parked, path)
+            os.unlink(parked)
+            _fsync_dir(path.parent)
+        return not keep
 
     def clear_temporary(self) -> int:
         """Remove every file in ``tmp/`` (call only when no write is in flight)."""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,8 +130,22 @@ class NodeProcess:
             raise AssertionError(f"{text!r} not logged {count} times:\n{self.log()}")
         return self.log()
 
+    @property
+    def on_postgresql(self) -> bool:
+        return str(self.settings.get("database", "")).startswith("postgres")
+
+    def index_exists(self) -> bool:
+        """Has the node made its index yet (a PostgreSQL database is there from the start)?"""
+        return self.on_postgresql or self.db_path.exists()
+
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Read the node's SQLite index directly (a second, independent reader)."""
+        """Read the node's index directly (a second, independent reader); ``?`` placeholders."""
+        if self.on_postgresql:
+            import psycopg2
+
+            with psycopg2.connect(self.settings["database"]) as conn, conn.cursor() as cursor:
+                cursor.execute(sql.replace("?", "%s"), params)
+                return list(cursor.fetchall()) if cursor.description is not None else []
         with sqlite3.connect(self.db_path) as conn:
             return list(conn.execute(sql, params))
 
@@ -151,7 +166,12 @@ def make_node(workdir: Path, **settings: Any) -> NodeProcess:
         "port": free_port(),
         "storage": "storage",
         "log_level": "info",
+        # The suite's clients (pynetdicom, DCMTK, Orthanc, dcmqrscp) call with many AE titles;
+        # the access rules, defaults included, have their own tests (test_access.py).
+        "unknown_peers": "all",
     }
+    if BACKEND == "postgresql" and "database" not in settings:
+        base["database"] = new_test_database()
     base.update(settings)
     return NodeProcess(workdir, base)
 
@@ -203,3 +223,81 @@ def dcmtk_tool(name: str) -> Path:
 def dcmtk_env() -> dict[str, str]:
     """Debian's DCMTK leaves Nagle's algorithm on unless told otherwise."""
     return {**os.environ, "TCP_NODELAY": "1"}
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+POSTGRES_SERVER = os.environ.get("DICOMNODE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+# DICOMNODE_TEST_BACKEND=postgresql runs every node the suite starts on its own new PostgreSQL
+# database instead of SQLite (scripts/test.sh runs the suite once on each).
+BACKEND = os.environ.get("DICOMNODE_TEST_BACKEND", "sqlite")
+sqlite_only = pytest.mark.skipif(BACKEND != "sqlite",
+                                 reason="about the SQLite file itself (this run: PostgreSQL)")
+_CREATED: list[str] = []
+
+
+def _admin() -> Any:
+    import psycopg2
+
+    admin = psycopg2.connect(f"{POSTGRES_SERVER}/postgres", connect_timeout=3)
+    admin.autocommit = True
+    return admin
+
+
+def new_test_database() -> str:
+    """A new, empty database on the test server, dropped at the end of the session."""
+    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin()
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    _CREATED.append(name)
+    return f"{POSTGRES_SERVER}/{name}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    yield
+    if not _CREATED:
+        return
+    admin = _admin()
+    try:
+        with admin.cursor() as cursor:
+            for name in _CREATED:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new, empty database on the test PostgreSQL server (dropped afterwards); skipped when
+    no server answers, except under CI, where it must."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = _admin()
+    except psycopg2.OperationalError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL not reachable at {POSTGRES_SERVER}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_SERVER}")
+    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Config settings for an archive opened in the test process, once per index backend."""
+    if request.param == "postgresql":
+        return {"database": request.getfixturevalue("postgres_url")}
+    return {}

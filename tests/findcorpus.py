@@ -21,8 +21,9 @@ Tricky values on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
@@ -231,6 +232,17 @@ def datasets() -> Iterator[Dataset]:
     for name, series in SERIES.items():
         for number in range(1, series.count + 1):
             yield dataset(name, number)
+
+
+def receive_all(ingestor: Any, datasets: Iterable[Dataset]) -> None:
+    """Store ``datasets`` through an archive's ingest path in this process, as a C-STORE from
+    AE "T" would (implicit VR little endian)."""
+    from node.index.writer import Source
+    from node.ingest import Received
+
+    for ds in datasets:
+        ingestor.receive(Received(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                  "1.2.840.10008.1.2", encoded(ds), Source("T", "127.0.0.1")))
 
 
 def encoded(ds: Dataset) -> bytes:

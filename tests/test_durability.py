@@ -1,34 +1,28 @@
-"""What survives: a clean restart, and kill -9 in the middle of a four-association ingest."""
+"""What survives: a clean restart, the start-up sweep, a kill -9 (repeated kill -9 rounds during
+parallel ingest are tests/test_crash.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from node.dicom.part10 import file_meta_bytes
-from tests.conftest import NodeProcess, poll_until
+from tests.conftest import NodeProcess, sqlite_only
 from tests.dicomdata import (
     CT_IMAGE,
     dataset_bytes_of,
-    encoded_as,
     make_instance,
-    no_delay,
     send_datasets,
     send_files,
     sha256_file,
     write_part10,
 )
-
-INGEST_ASSOCIATIONS = 4
-KILL_ROUNDS = 3
 
 
 def test_restart_keeps_everything(node: NodeProcess) -> None:
@@ -96,6 +90,7 @@ def test_startup_sweeps_temporary_and_unindexed_files(node: NodeProcess) -> None
     assert "removed 1 temporary and 1 unindexed" in node.log()
 
 
+@sqlite_only
 def test_a_lost_index_stops_the_start_and_removes_nothing(node: NodeProcess) -> None:
     """Without its database every stored file looks unindexed: the sweep must not take that
     for crash leftovers (the store is what `dicom-node reindex` rebuilds the index from)."""
@@ -150,66 +145,7 @@ services.close()
 """
 
 
-def _ingest_until_stopped(port: int, acknowledged: list[str], stop: threading.Event,
-                          errors: list[BaseException]) -> None:
-    """Send new instances on one association until told to stop or the node dies."""
-    ae = AE(ae_title="CRASHSCU")
-    ae.requested_contexts = [build_context(CT_IMAGE)]
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    if not assoc.is_established:
-        errors.append(RuntimeError("association not established"))
-        return
-    no_delay(assoc)
-    try:
-        while not stop.is_set() and assoc.is_established:
-            ds = encoded_as(make_instance(rows=64))
-            status = assoc.send_c_store(ds)
-            if status and status.Status == 0:
-                acknowledged.append(str(ds.SOPInstanceUID))
-    except (RuntimeError, OSError) as exc:  # the node vanished under us: expected
-        errors.append(exc)
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-
-
-def test_kill_9_during_parallel_ingest_loses_nothing_acknowledged(node: NodeProcess) -> None:
-    all_acknowledged: list[str] = []
-    for round_number in range(KILL_ROUNDS):
-        acknowledged: list[str] = []
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        threads = [
-            threading.Thread(target=_ingest_until_stopped,
-                             args=(node.port, acknowledged, stop, errors))
-            for _ in range(INGEST_ASSOCIATIONS)
-        ]
-        for thread in threads:
-            thread.start()
-        target = 40 * (round_number + 1)
-        assert poll_until(lambda n=target, a=acknowledged: len(a) >= n, 60), "ingest too slow"
-        node.kill()  # SIGKILL while four associations are mid-transfer
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-        all_acknowledged.extend(acknowledged)
-        node.start()
-
-        # Every acknowledged instance is present, intact, readable and indexed.
-        indexed = dict(node.rows("SELECT sop_instance_uid, digest FROM instance"))
-        for uid in all_acknowledged:
-            assert uid in indexed, f"acknowledged {uid} lost from the index"
-            path = node.storage / "objects" / indexed[uid][:2] / indexed[uid][2:4] / indexed[uid]
-            assert path.is_file(), f"acknowledged {uid} lost from the store"
-            assert sha256_file(path) == indexed[uid]
-            assert dcmread(path).SOPInstanceUID == uid
-        # No temporary file survives the start-up, and every file has its row.
-        assert node.temporary_files() == []
-        assert {p.name for p in node.stored_files()} == set(indexed.values())
-    assert len(all_acknowledged) >= 40 * KILL_ROUNDS
-
-
+@sqlite_only
 def test_database_survives_as_valid_sqlite(node: NodeProcess, tmp_path: Path) -> None:
     assert [s.status for s in send_datasets(node.port, [make_instance()])] == [0]
     node.kill()

@@ -7,39 +7,12 @@ drops its own database. Skipped when no server answers, except under CI, where i
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from node.index.models import SCHEMA_VERSION
 from tests.conftest import NodeProcess
 from tests.dicomdata import make_instance, send_datasets, sha256_file
-
-SERVER = os.environ.get("DICOMNODE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(f"{SERVER}/postgres", connect_timeout=3)
-    except psycopg2.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {SERVER}: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {SERVER}")
-    admin.autocommit = True
-    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -69,5 +42,5 @@ def test_ingest_on_postgresql(node_factory: Any, postgres_url: str, tmp_path: Pa
     files = node.stored_files()
     assert sorted(p.name for p in files) == sorted(r[1] for r in rows)
     assert all(sha256_file(p) == p.name for p in files)
-    assert pg_rows(postgres_url, "SELECT version FROM schema_info") == [(1,)]
+    assert pg_rows(postgres_url, "SELECT version FROM schema_info") == [(SCHEMA_VERSION,)]
     assert node.stop() == 0

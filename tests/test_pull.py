@@ -194,7 +194,7 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: int, *words: st
 
 def held(node: NodeProcess) -> dict[str, tuple[str, str, str]]:
     """SOP Instance UID -> (digest, transfer syntax, source AE) of every indexed instance."""
-    if not node.db_path.exists():
+    if not node.index_exists():
         return {}
     return {uid: (digest, syntax, source) for uid, digest, syntax, source in node.rows(
         "SELECT sop_instance_uid, digest, transfer_syntax_uid, source_ae FROM instance")}

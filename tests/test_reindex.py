@@ -16,8 +16,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.dicom.part10 import file_meta_bytes
 from node.store import Store
 from tests import findcorpus as fc
-from tests.conftest import REPO, NodeProcess
+from tests.conftest import REPO, NodeProcess, sqlite_only
 from tests.dicomdata import CT_IMAGE, make_instance, no_delay, send_datasets
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
@@ -42,7 +40,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 MODELS = {"patient": PatientRootQueryRetrieveInformationModelFind,
           "study": StudyRootQueryRetrieveInformationModelFind}
 PENDING = (0xFF00, 0xFF01)
-PG_SERVER = os.environ.get("DICOMNODE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 PATIENT_KEYS = ["PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                 "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
@@ -134,6 +131,7 @@ def test_help() -> None:
     assert "-c PATH, --config PATH" in done.stdout and "quarantine" in done.stdout
 
 
+@sqlite_only
 def test_reindex_after_losing_the_database_gives_the_same_answers(node_factory: Any) -> None:
     node: NodeProcess = node_factory().start()
     fc.load(node.port, list(fc.datasets()))
@@ -172,6 +170,7 @@ def test_reindex_after_losing_the_database_gives_the_same_answers(node_factory: 
     assert node.stored_files() == files  # the start-up sweep found every file indexed
 
 
+@sqlite_only
 def test_reindex_refuses_while_serve_holds_the_store(node_factory: Any) -> None:
     node: NodeProcess = node_factory().start()
     assert [s.status for s in send_datasets(node.port, [make_instance()])] == [0]
@@ -214,6 +213,7 @@ def _foreign_wal(path: Path) -> None:
     other.unlink()
 
 
+@sqlite_only
 def test_corrupt_and_duplicate_files(node_factory: Any) -> None:
     node: NodeProcess = node_factory().start()
     study, series = f"{fc.ROOT}9001", f"{fc.ROOT}9001.1"
@@ -280,27 +280,6 @@ def test_reindex_of_an_empty_or_missing_store(tmp_path: Path) -> None:
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(f"{PG_SERVER}/postgres", connect_timeout=3)
-    except psycopg2.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {PG_SERVER}: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG_SERVER}")
-    admin.autocommit = True
-    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def test_reindex_on_postgresql(node_factory: Any, postgres_url: str) -> None:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from tests.conftest import REPO, NodeProcess, free_port
+from tests.conftest import REPO, NodeProcess, free_port, sqlite_only
 from tests.dicomdata import (
     Sent,
     dataset_bytes_of,
@@ -67,7 +67,9 @@ def test_full_store_answers_out_of_resources_and_recovers_when_space_returns(
     node_factory: Any, tmp_path: Path
 ) -> None:
     db = tmp_path / "index.sqlite"  # the index lives outside the small store
-    node: NodeProcess = node_factory("full", database=f"sqlite:///{db}")
+    # min_free_space 0: this is the disk really full (ENOSPC), not the threshold before it
+    # (tests/test_free_space.py); a 3 MB tmpfs is always below the 100 MB default.
+    node: NodeProcess = node_factory("full", database=f"sqlite:///{db}", min_free_space=0)
     files = [write_part10(make_instance(rows=512, InstanceNumber=i), tmp_path / f"{i}.dcm")
              for i in range(8)]
     file_size = files[0].stat().st_size  # every one is ~512 KiB, the same size
@@ -132,6 +134,7 @@ def test_full_store_answers_out_of_resources_and_recovers_when_space_returns(
                 node.stop()
 
 
+@sqlite_only
 def test_locked_index_answers_out_of_resources_and_recovers_when_released(
     node_factory: Any, tmp_path: Path
 ) -> None:

@@ -11,6 +11,8 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from node.metrics import NO_METRICS, Recorder
+
 log = logging.getLogger("node.association")
 
 
@@ -18,14 +20,16 @@ log = logging.getLogger("node.association")
 class _Record:
     started: float = field(default_factory=time.monotonic)
     outcome: str = "closed"
+    accepted: bool = False  # an abort may come before the A-ASSOCIATE-AC, or instead of it
     stored: int = 0
     failed: int = 0
 
 
 class AssociationLog:
-    """Tracks each association from connection to close and logs it once."""
+    """Tracks each association from connection to close, logs it once and counts it."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Recorder = NO_METRICS) -> None:
+        self.metrics = metrics
         self._records: dict[int, _Record] = {}
         self._lock = threading.Lock()
 
@@ -44,8 +48,10 @@ class AssociationLog:
         record = self._record(event.assoc)
         if event.event is evt.EVT_REJECTED:
             record.outcome = "rejected"
+            self.metrics.association_rejected()
         elif event.event is evt.EVT_ACCEPTED:
-            record.outcome = "accepted"
+            record.outcome, record.accepted = "accepted", True
+            self.metrics.association_accepted()
         elif event.event is evt.EVT_RELEASED:
             record.outcome = "released"
         elif event.event is evt.EVT_ABORTED:
@@ -53,6 +59,8 @@ class AssociationLog:
         elif event.event is evt.EVT_CONN_CLOSE:
             with self._lock:
                 self._records.pop(id(event.assoc), None)
+            if record.accepted:
+                self.metrics.association_ended(aborted=record.outcome == "aborted")
             peer = event.assoc.requestor
             log.info(
                 "association from %s at %s:%s %s: %d stored, %d failed, %.2f s",

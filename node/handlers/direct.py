@@ -32,16 +32,24 @@ DirectService = Callable[[Association, Any, PresentationContext], bool]
 class DirectRouter:
     """Offers each request of the associations it is attached to to the direct services."""
 
-    def __init__(self, services: Sequence[DirectService]) -> None:
+    def __init__(self, services: Sequence[DirectService],
+                 after_request: Callable[[], None] | None = None) -> None:
         self.services = tuple(services)
+        # Run in the association's thread once each request is answered, by whichever path
+        # (the node gives back the thread's pooled database connection there).
+        self.after_request = after_request
 
     def attach(self, assoc: Association) -> None:
         """Wrap ``assoc._serve_request`` for this one association."""
         library = assoc._serve_request
 
         def serve_request(msg: Any, context_id: int) -> None:
-            if not self._serve(assoc, msg, context_id):
-                library(msg, context_id)
+            try:
+                if not self._serve(assoc, msg, context_id):
+                    library(msg, context_id)
+            finally:
+                if self.after_request is not None:
+                    self.after_request()
 
         assoc._serve_request = serve_request  # type: ignore[method-assign]
 
@@ -59,6 +67,11 @@ class DirectRouter:
         except ConnectionLost as exc:  # the writer aborted the association: nobody to answer
             log.warning("association with %s lost while answering: %s",
                         str(assoc.requestor.ae_title).strip(), exc)
+            return True
+        except Exception:  # a bug: the request may be half answered, so the association ends
+            log.exception("request from %s failed; aborting the association",
+                          str(assoc.requestor.ae_title).strip())
+            assoc.abort()
             return True
         finally:
             assoc.dimse.cancel_req = {}

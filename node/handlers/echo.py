@@ -5,7 +5,9 @@ from __future__ import annotations
 from pynetdicom.events import Event
 
 from node.dimse.status import SUCCESS
+from node.metrics import NO_METRICS, Recorder
 
 
-def handle_echo(event: Event) -> int:
+def handle_echo(event: Event, metrics: Recorder = NO_METRICS) -> int:
+    metrics.operation("C-ECHO", SUCCESS)
     return SUCCESS

@@ -29,6 +29,7 @@ from node.dimse.status import (
     UNABLE_TO_PROCESS,
 )
 from node.errors import NodeError, OutOfResources
+from node.metrics import NO_METRICS, Recorder
 from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
@@ -53,8 +54,9 @@ class FindService:
     engine's pre-encoded elements.
     """
 
-    def __init__(self, finder: Finder) -> None:
+    def __init__(self, finder: Finder, metrics: Recorder = NO_METRICS) -> None:
         self.finder = finder
+        self.metrics = metrics
 
     def serve(self, assoc: Association, msg: Any, context: PresentationContext) -> bool:
         if not isinstance(msg, C_FIND):
@@ -62,7 +64,7 @@ class FindService:
         root = _ROOTS.get(str(context.abstract_syntax))
         if root is None:
             return False
-        _Query(assoc, msg, context, root).answer(self.finder)
+        _Query(assoc, msg, context, root).answer(self.finder, self.metrics)
         return True
 
 
@@ -79,7 +81,7 @@ class _Query:
         self.syntax = context.transfer_syntax[0]
         self.encoded = cast(BytesIO, request.Identifier)
 
-    def answer(self, finder: Finder) -> None:
+    def answer(self, finder: Finder, metrics: Recorder) -> None:
         started = time.perf_counter()
         matches = 0
         status, comment, level = SUCCESS, "", "?"
@@ -109,10 +111,12 @@ class _Query:
             status, comment = UNABLE_TO_PROCESS, str(exc)
         if self.assoc.is_established:
             self._send(status, comment=comment)
+        elapsed = time.perf_counter() - started
+        metrics.operation("C-FIND", status, elapsed)
         log.log(logging.INFO if status in (SUCCESS, CANCELLED) else logging.WARNING,
                 "C-FIND %s root %s: %d matches, status 0x%04X%s, %.1f ms", level,
                 self.root.value, matches, status, f" ({comment})" if comment else "",
-                (time.perf_counter() - started) * 1000)
+                elapsed * 1000)
 
     def _identifier(self) -> Dataset:
         try:

@@ -18,12 +18,12 @@ from node.scu.send import Sender
 
 
 def handle_get(retrieval: Retrieval, planner: RetrievePlanner) -> None:
-    instances = matching_instances(retrieval, planner)
-    if instances is None:
-        return
-    # Sub-operation Message IDs follow the C-GET's own, so none is outstanding twice.
-    sender = Sender(retrieval.assoc, retrieval.requester or "the requester", retrieval.priority,
-                    first_message_id=retrieval.message_id % 0xFFFF + 1)
-    tally, cancelled = run_sub_operations(retrieval, instances, sender.send)
+    with matching_instances(retrieval, planner) as instances:
+        if instances is None:
+            return
+        # Sub-operation Message IDs follow the C-GET's own, so none is outstanding twice.
+        sender = Sender(retrieval.assoc, retrieval.requester or "the requester",
+                        retrieval.priority, first_message_id=retrieval.message_id % 0xFFFF + 1)
+        tally, cancelled = run_sub_operations(retrieval, instances, sender.send)
     retrieval.finish(final_status(tally, cancelled), tally,
                      "" if retrieval.requester_present else "requester gone")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
@@ -37,6 +38,7 @@ from node.dimse.status import (
     UNABLE_TO_PROCESS,
 )
 from node.errors import OutOfResources
+from node.metrics import NO_METRICS, Recorder
 from node.query.keys import Root
 from node.retrieve.plan import RetrievePlanner, StoredInstance
 from node.retrieve.request import InvalidRetrieve
@@ -115,8 +117,10 @@ class Retrieval:
     """One C-MOVE or C-GET request being answered on the requester's association."""
 
     def __init__(self, assoc: Association, request: C_MOVE | C_GET,
-                 context: PresentationContext, root: Root) -> None:
+                 context: PresentationContext, root: Root,
+                 metrics: Recorder = NO_METRICS) -> None:
         self.assoc = assoc
+        self.metrics = metrics
         self.request = request
         self.context = context
         self.root = root
@@ -170,6 +174,8 @@ class Retrieval:
         self.finished = True
         if self.requester_present:
             self._send(status, tally, remaining=status == CANCELLED, comment=comment)
+        elapsed = time.perf_counter() - self.started
+        self.metrics.operation(self.service, status, elapsed)
         log.log(
             logging.INFO if status in (SUCCESS, CANCELLED) else logging.WARNING,
             "%s %s (%s root) from %s%s: %d completed, %d failed, %d warning, status 0x%04X%s, "
@@ -177,7 +183,7 @@ class Retrieval:
             self.service, self._level(), self.root.value, self.requester or "?",
             f" to {self.destination}" if self.destination else "", tally.completed,
             tally.failed, tally.warning, status, f" ({comment})" if comment else "",
-            (time.perf_counter() - self.started) * 1000,
+            elapsed * 1000,
         )
 
     def _level(self) -> str:
@@ -232,30 +238,33 @@ def _fitting(uids: list[str], limit: int) -> list[str]:
     return uids
 
 
+@contextmanager
 def matching_instances(retrieval: Retrieval,
-                       planner: RetrievePlanner) -> list[StoredInstance] | None:
-    """The instances the request names; None once the request is answered already (refused,
-    or nothing matches: Success with zero counts)."""
-    try:
-        instances = planner.plan(retrieval.identifier(), retrieval.root,
-                                 limit=MAX_SUB_OPERATIONS + 1)
-    except InvalidRetrieve as exc:
-        retrieval.finish(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, comment=str(exc))
-        return None
-    except OutOfResources as exc:
-        retrieval.finish(OUT_OF_RESOURCES_MATCHES, comment=str(exc))
-        return None
-    except (ValueError, TypeError, EOFError, KeyError) as exc:  # pydicom: undecodable identifier
-        retrieval.finish(UNABLE_TO_PROCESS, comment=f"identifier cannot be decoded: {exc}")
-        return None
-    if len(instances) > MAX_SUB_OPERATIONS:
-        retrieval.finish(UNABLE_TO_PROCESS,
-                         comment=f"more than {MAX_SUB_OPERATIONS} instances match")
-        return None
-    if not instances:
-        retrieval.finish(SUCCESS)  # nothing matches: complete, with zero counts
-        return None
-    return instances
+                       planner: RetrievePlanner) -> Iterator[list[StoredInstance] | None]:
+    """The instances the request names, their studies leased against deletion until the block
+    ends; None once the request is answered already (refused, or nothing matches: Success
+    with zero counts)."""
+    with ExitStack() as leased:
+        try:
+            instances = leased.enter_context(planner.reserve(
+                retrieval.identifier(), retrieval.root, limit=MAX_SUB_OPERATIONS + 1))
+        except InvalidRetrieve as exc:
+            retrieval.finish(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, comment=str(exc))
+            instances = None
+        except OutOfResources as exc:
+            retrieval.finish(OUT_OF_RESOURCES_MATCHES, comment=str(exc))
+            instances = None
+        except (ValueError, TypeError, EOFError, KeyError) as exc:  # pydicom: undecodable
+            retrieval.finish(UNABLE_TO_PROCESS, comment=f"identifier cannot be decoded: {exc}")
+            instances = None
+        if instances is not None and len(instances) > MAX_SUB_OPERATIONS:
+            retrieval.finish(UNABLE_TO_PROCESS,
+                             comment=f"more than {MAX_SUB_OPERATIONS} instances match")
+            instances = None
+        elif instances is not None and not instances:
+            retrieval.finish(SUCCESS)  # nothing matches: complete, with zero counts
+            instances = None
+        yield instances
 
 
 # Performs one sub-operation, told which instance comes next (None after the last).
@@ -286,6 +295,8 @@ def run_sub_operations(retrieval: Retrieval, instances: list[StoredInstance],
             break
         sent = send(instance, instances[number] if number < len(instances) else None)
         tally.count(instance, sent)
+        retrieval.metrics.sub_operation(retrieval.service, sent.result is not Result.FAILED,
+                                        instance.path)
         if sent.result is not Result.COMPLETED:
             log.warning("%s sub-operation %s %s: %s", retrieval.service,
                         instance.sop_instance_uid, sent.result.value, sent.detail)
@@ -304,9 +315,10 @@ Handler = Callable[[Retrieval], None]
 class RetrieveService:
     """Serves C-MOVE and C-GET on the retrieve contexts of the associations it is attached to."""
 
-    def __init__(self, move: Handler, get: Handler) -> None:
+    def __init__(self, move: Handler, get: Handler, metrics: Recorder = NO_METRICS) -> None:
         self.move = move
         self.get = get
+        self.metrics = metrics
 
     def serve(self, assoc: Association, msg: Any, context: PresentationContext) -> bool:
         """A ``DirectService`` (node.handlers.direct): take C-MOVE and C-GET requests."""
@@ -317,7 +329,7 @@ class RetrieveService:
         if root is None:
             return False
         handler = self.move if isinstance(msg, C_MOVE) else self.get
-        retrieval = Retrieval(assoc, msg, context, root)
+        retrieval = Retrieval(assoc, msg, context, root, self.metrics)
         try:
             handler(retrieval)
         except Exception:  # a bug: log it and answer, as pynetdicom does for its handlers

@@ -32,6 +32,7 @@ from node.errors import NodeError
 from node.handlers.association import AssociationLog
 from node.index.writer import Source
 from node.ingest import Ingestor, Received
+from node.metrics import NO_METRICS, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class StoreAnswer:
 
 def answer_store(ingestor: Ingestor, associations: AssociationLog, assoc: Association,
                  sop_class: str, sop_instance: str, transfer_syntax: str,
-                 dataset: bytes) -> StoreAnswer:
+                 dataset: bytes, metrics: Recorder = NO_METRICS) -> StoreAnswer:
     """Ingest one received instance; the status (PS3.4 B.2.3) the sender is to get."""
     started = time.perf_counter()
     peer = assoc.requestor
@@ -69,23 +70,26 @@ def answer_store(ingestor: Ingestor, associations: AssociationLog, assoc: Associ
         log.error("C-STORE %s: store I/O error: %s", sop_instance, exc)
         status, comment = OUT_OF_RESOURCES, "storage I/O error"
     associations.count_store(assoc, status == SUCCESS)
+    elapsed = time.perf_counter() - started
+    metrics.stored(status, len(dataset), elapsed)
     level = logging.INFO if status == SUCCESS else logging.WARNING
     if log.isEnabledFor(level):
         log.log(
             level, "C-STORE %s %s status 0x%04X %s%s %.1f ms",
             sop_class_name(sop_class), sop_instance, status, outcome,
-            f" ({comment})" if comment else "", (time.perf_counter() - started) * 1000,
+            f" ({comment})" if comment else "", elapsed * 1000,
         )
     return StoreAnswer(status, comment)
 
 
-def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog) -> Dataset | int:
+def handle_store(event: Event, ingestor: Ingestor, associations: AssociationLog,
+                 metrics: Recorder = NO_METRICS) -> Dataset | int:
     """pynetdicom's EVT_C_STORE handler: the same answer, as the library wants it."""
     request = cast(C_STORE, event.request)
     answer = answer_store(
         ingestor, associations, event.assoc,
         str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-        str(event.context.transfer_syntax), event.encoded_dataset(include_meta=False),
+        str(event.context.transfer_syntax), event.encoded_dataset(include_meta=False), metrics,
     )
     # A bare status code is enough for success and spares building a dataset per instance.
     return status_dataset(answer.status, answer.comment) if answer.comment else answer.status

@@ -61,15 +61,30 @@ def connect(url: DatabaseURL, max_connections: int = 16, timeout: float = 10.0) 
     return db
 
 
+# Schema versions this node upgrades from, and what each upgrade adds.  Every upgrade so far
+# only adds tables, which create_tables(safe=True) makes; the version row records it.
+UPGRADES = {1: "retrieve_lease table"}
+
+
 def ensure_schema(db: Database) -> None:
-    """Create the tables on a new database; refuse one whose schema version is not ours."""
+    """Create the tables on a new database, upgrade an older schema, refuse a newer one."""
     with db.atomic():
+        row = SchemaInfo.select().first() if db.table_exists(SchemaInfo._meta.table_name) \
+            else None
+        if row is not None and row.version > SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"index schema version {row.version} is newer than this node's "
+                f"({SCHEMA_VERSION}): upgrade the node, or use another database"
+            )
+        if row is not None and row.version < SCHEMA_VERSION and row.version not in UPGRADES:
+            raise SchemaMismatch(
+                f"index schema version {row.version} cannot be upgraded by this node"
+            )
         db.create_tables(TABLES, safe=True)
-        row = SchemaInfo.select().first()
         if row is None:
             SchemaInfo.create(version=SCHEMA_VERSION)
-        elif row.version != SCHEMA_VERSION:
-            raise SchemaMismatch(
-                f"index schema version {row.version} is not supported by this node "
-                f"(expects {SCHEMA_VERSION})"
-            )
+        elif row.version < SCHEMA_VERSION:
+            log.info("index schema upgraded from version %d to %d (%s)", row.version,
+                     SCHEMA_VERSION, ", ".join(UPGRADES[v] for v in range(row.version,
+                                                                          SCHEMA_VERSION)))
+            SchemaInfo.update(version=SCHEMA_VERSION).execute()

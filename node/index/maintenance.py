@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from peewee import JOIN, Database, fn
 
-from node.index.models import Instance, Patient, Series, Study
+from node.index.models import Instance, Patient, RetrieveLease, Series, Study
 from node.index.writer import in_digest_prefix
 
 PREFIXES = [f"{n:02x}" for n in range(256)]  # the store's first fan-out level
@@ -144,8 +144,8 @@ def _prune(db: Database, series_id: int) -> None:
 
 
 def truncate_index(db: Database) -> None:
-    """Empty the four level tables (the schema version row stays)."""
-    tables = [m._meta.table_name for m in (Instance, Series, Study, Patient)]
+    """Empty the four level tables and the leases on them (the schema version row stays)."""
+    tables = [m._meta.table_name for m in (RetrieveLease, Instance, Series, Study, Patient)]
     if db.param == "?":  # SQLite has no TRUNCATE; children first for the foreign keys
         for table in tables:
             execute(db, f'DELETE FROM "{table}"')

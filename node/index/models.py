@@ -19,7 +19,7 @@ from peewee import (
     TextField,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: retrieve_lease
 
 UID_LENGTH = 64  # PS3.5 9.1
 DIGEST_LENGTH = 64  # SHA-256, hex
@@ -110,4 +110,20 @@ class Instance(BaseModel):
         table_name = "instance"
 
 
-TABLES: list[type[BaseModel]] = [SchemaInfo, Patient, Study, Series, Instance]
+class RetrieveLease(BaseModel):
+    """A study being sent by a C-MOVE or C-GET: deletion and retention leave it alone.
+
+    Rows live in the database, not in a process, so that ``dicom-node delete`` and a second
+    node see the retrieves of every node.  A lease ends when its retrieve does; one left by a
+    crash ends at ``expires_at``.
+    """
+
+    study = ForeignKeyField(Study, on_delete="CASCADE", index=True)
+    holder = TextField()  # host:pid of the retrieving process, for the administrator
+    expires_at = DateTimeField(index=True)
+
+    class Meta:
+        table_name = "retrieve_lease"
+
+
+TABLES: list[type[BaseModel]] = [SchemaInfo, Patient, Study, Series, Instance, RetrieveLease]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 
 VERIFY_SOURCE = Source("verify", "")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")  # how the store names files
+# A file written this recently (seconds, by its mtime) may be a serving node's ingest between
+# its rename and its row's commit: it counts as an orphan only if still without row this long
+# after it was written.
+IN_FLIGHT = 5.0
 
 
 class Problem(StrEnum):
@@ -209,6 +214,8 @@ class Verifier:
         path = self.store.path_of(digest)
         if is_indexed(self.db, digest) or not path.is_file():
             return  # committed, or cleaned up, by another process meanwhile
+        if self._settled_meanwhile(digest, path):
+            return
         self.report.found[Problem.ORPHAN] += 1
         if not self.repair:
             log.warning("file %s has no index row", digest)
@@ -218,6 +225,20 @@ class Verifier:
         except FileNotFoundError:
             log.info("file %s without row was removed meanwhile", digest)
         self.report.repaired[Problem.ORPHAN] += 1
+
+    def _settled_meanwhile(self, digest: str, path: Path) -> bool:
+        """A file written under IN_FLIGHT seconds ago: wait until then for its row (or its
+        removal); a node (this host's or another's) may be committing it right now."""
+        try:
+            written = path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        pause = threading.Event()  # never set: a bounded pause between checks
+        while time.time() < written + IN_FLIGHT:
+            pause.wait(0.05)
+            if is_indexed(self.db, digest) or not path.is_file():
+                return True
+        return False
 
     def _index_orphan(self, digest: str, path: Path) -> None:
         """Index an orphan file through the ingest path, or move it aside."""

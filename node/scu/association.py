@@ -7,9 +7,11 @@ none of the presentation contexts are reported the same way everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ from pynetdicom.presentation import PresentationContext
 
 from node.config import Peer
 from node.remote.errors import InvalidQuery, PeerUnavailable, ServiceNotSupported
+from node.tls import HandshakeFailed, handshake
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class _Negotiation:
 
     connected: bool = False
     rejection: A_ASSOCIATE_RJ | None = None
+    tls_failure: HandshakeFailed | None = None  # why the TLS handshake failed
 
 
 def open_association(
@@ -57,14 +61,20 @@ def open_association(
     ext_neg: Sequence[Any] | None = None,
     evt_handlers: Sequence[Any] = (),
     max_pdu: int | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Association:
     """An established association to ``peer`` proposing ``contexts``.
 
     ``service`` names what the association is for, in messages ("C-FIND in the Study Root
     Query/Retrieve information model"). ``ext_neg`` carries extended negotiation items such as
-    SCP/SCU Role Selection (PS3.7 D.3.3.4), needed by C-GET. Raises PeerUnavailable (cannot
-    connect, rejected, aborted) or ServiceNotSupported (no context accepted).
+    SCP/SCU Role Selection (PS3.7 D.3.3.4), needed by C-GET. ``tls`` (node.tls.client_context)
+    is the context for a peer configured with ``tls: true`` (PS3.15 B.9); the peer's host is
+    given as its server name. Raises PeerUnavailable (cannot connect, TLS refused, rejected,
+    aborted) or ServiceNotSupported (no context accepted).
     """
+    if peer.tls and tls is None:
+        raise PeerUnavailable(f"{where(peer)} is to be called over TLS (tls: true), but this "
+                              "node has no tls settings")
     ae = AE(ae_title=check_calling_ae(calling_ae))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -75,6 +85,16 @@ def open_association(
 
     def on_connect(event: Event) -> None:
         seen.connected = True
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+        if isinstance(sock, ssl.SSLSocket):
+            # The context left it to us (node.tls): bounded, and its failure said as such.
+            try:
+                handshake(sock, timeout)
+            except HandshakeFailed as exc:
+                seen.tls_failure = exc
+                # pynetdicom's A-ASSOCIATE-RQ then fails at once (a write error ends it).
+                with contextlib.suppress(OSError):  # the peer may have closed it already
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def on_pdu(event: Event) -> None:
         if isinstance(event.pdu, A_ASSOCIATE_RJ):
@@ -85,6 +105,7 @@ def open_association(
     # then reports an abort (acse.py: "if not socket._is_connected: abort").
     assoc = ae.associate(
         peer.host, peer.port, ae_title=peer.ae_title, ext_neg=list(ext_neg or []) or None,
+        tls_args=(tls, peer.host) if peer.tls and tls is not None else None,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_connect), (evt.EVT_PDU_RECV, on_pdu),
                       *evt_handlers],
     )
@@ -97,6 +118,8 @@ def open_association(
         log.debug("association to %s established", where(peer))
         return assoc
     name = where(peer)
+    if seen.tls_failure is not None:
+        raise PeerUnavailable(f"TLS with {name} failed: {seen.tls_failure}")
     if seen.rejection is not None:  # PS3.8 9.3.4: result, source and reason
         rejection = seen.rejection
         raise PeerUnavailable(
@@ -112,9 +135,11 @@ def open_association(
             f"cannot connect to {name} (connection refused, host unreachable or no answer "
             f"within {timeout:g} s)"
         )
+    # TLS 1.3: a peer refusing the node's certificate says so after the handshake.
+    refused = " (over TLS: it may have refused this node's certificate)" if peer.tls else ""
     raise PeerUnavailable(
         f"{name} accepted the connection but aborted the association or did not answer "
-        f"it within {timeout:g} s"
+        f"it within {timeout:g} s{refused}"
     )
 
 

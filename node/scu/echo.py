@@ -7,6 +7,7 @@ association took to establish and how long the C-ECHO round trip took.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -30,15 +31,18 @@ class EchoTimes:
     round_trip: float
 
 
-def echo(peer: Peer, calling_ae: str, timeout: float = 30) -> EchoTimes:
-    """C-ECHO ``peer`` once; raises PeerUnavailable (no association), ServiceNotSupported
-    (Verification not accepted) or EchoFailed (no answer, or not Success)."""
+def echo(peer: Peer, calling_ae: str, timeout: float = 30,
+         tls: ssl.SSLContext | None = None) -> EchoTimes:
+    """C-ECHO ``peer`` once (over TLS with ``tls`` when it has ``tls: true``); raises
+    PeerUnavailable (no association), ServiceNotSupported (Verification not accepted) or
+    EchoFailed (no answer, or not Success)."""
     calling_ae = check_calling_ae(calling_ae)
     started = time.perf_counter()
     # PS3.7 A.4: the Verification SOP Class in the default transfer syntax (implicit VR
     # little endian), which every AE must accept, and explicit VR little endian.
     context = build_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
-    assoc = open_association(peer, calling_ae, [context], timeout, service="C-ECHO (Verification)")
+    assoc = open_association(peer, calling_ae, [context], timeout,
+                             service="C-ECHO (Verification)", tls=tls)
     established = time.perf_counter()
     finished = False
     try:

@@ -11,6 +11,7 @@ Patient names and IDs are never logged above DEBUG.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 
@@ -34,34 +35,39 @@ def find(
     keys: Mapping[str, str],
     root: str | None = "study",
     timeout: float = 30,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[Dataset]:
     """Query ``peer``; yields each match's identifier (see ``find_query``).
 
     The request is checked at once (InvalidQuery); the association opens on the first
     ``next()``.
     """
-    return find_query(peer, calling_ae, build_query(level, keys, root), timeout)
+    return find_query(peer, calling_ae, build_query(level, keys, root), timeout, tls)
 
 
 def find_query(
-    peer: Peer, calling_ae: str, query: Query, timeout: float = 30
+    peer: Peer, calling_ae: str, query: Query, timeout: float = 30,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[Dataset]:
     """Send ``query`` to ``peer`` on one association; yields each match's identifier.
 
     Raises (while iterating) PeerUnavailable when no association comes about,
     ServiceNotSupported when the peer does not offer the information model, QueryFailed on a
     failure status or when the peer breaks off. Stopping early aborts the association.
-    ``timeout`` bounds connecting and every wait for a message, in seconds.
+    ``timeout`` bounds connecting and every wait for a message, in seconds; ``tls`` is for a
+    peer with ``tls: true`` (node.scu.association).
     """
-    return _matches(peer, check_calling_ae(calling_ae), query, timeout)
+    return _matches(peer, check_calling_ae(calling_ae), query, timeout, tls)
 
 
-def _matches(peer: Peer, calling_ae: str, query: Query, timeout: float) -> Iterator[Dataset]:
+def _matches(peer: Peer, calling_ae: str, query: Query, timeout: float,
+             tls: ssl.SSLContext | None) -> Iterator[Dataset]:
     started = time.monotonic()
     context = build_context(query.model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = open_association(
         peer, calling_ae, [context], timeout,
         service=f"C-FIND in the {query.root.capitalize()} Root Query/Retrieve information model",
+        tls=tls,
     )
     finished = False  # the final response arrived: release; anything else: abort
     count = 0

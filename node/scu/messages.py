@@ -43,6 +43,7 @@ C_STORE_RSP = 0x8001
 C_GET_RSP = 0x8010
 C_MOVE_RSP = 0x8021
 C_FIND_RSP = 0x8020
+C_ECHO_RSP = 0x8030
 _DATASET_PRESENT = 0x0000  # PS3.7 9.3: any value but 0x0101 says a data set follows
 _NO_DATASET = 0x0101
 _PDV_OVERHEAD = 6  # item length (4), context ID (1), message control header (1)
@@ -80,7 +81,9 @@ def _element(element: int, value: bytes) -> bytes:
 
 
 def _uid(element: int, value: str) -> bytes:
-    data = value.encode("ascii")
+    # A response echoes the request's UIDs (PS3.7 9.3); a peer's non-ASCII bytes there are no
+    # UID, but the response must still go out: they become '?' rather than kill the thread.
+    data = value.encode("ascii", "replace")
     return _element(element, data + b"\x00" if len(data) % 2 else data)  # PS3.5 6.2: UI pad
 
 
@@ -440,3 +443,13 @@ def store_response(message_id: int, sop_class: str, sop_instance: str, status: i
     elements.append(_uid(0x1000, sop_instance))
     return _command(*elements)
 
+
+
+def refusal(command_field: int, message_id: int, sop_class: str, status: int, comment: str,
+            sop_instance: str | None = None) -> bytes:
+    """A final response that refuses a request outright: status and Error Comment only (for
+    a C-STORE-RSP also the Affected SOP Instance UID, PS3.7 Table 9.3-2)."""
+    elements = _response(command_field, message_id, sop_class, status, comment, False)
+    if sop_instance is not None:
+        elements.append(_uid(0x1000, sop_instance))
+    return _command(*elements)

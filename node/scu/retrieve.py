@@ -14,6 +14,7 @@ into a ``SubOperations`` result (Success, or a Warning such as 0xB000 with failu
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -88,6 +89,7 @@ def move(
     timeout: float = 30,
     on_progress: ProgressCallback | None = None,
     root: str = "study",
+    tls: ssl.SSLContext | None = None,
 ) -> SubOperations:
     """C-MOVE what ``identifier`` names from ``peer`` to the AE titled ``destination``.
 
@@ -99,6 +101,7 @@ def move(
     assoc = open_association(
         peer, check_calling_ae(calling_ae), [build_context(model, _COMMAND_SYNTAXES)], timeout,
         service=f"C-MOVE in the {root.capitalize()} Root Query/Retrieve information model",
+        tls=tls,
     )
     finished = False
     try:
@@ -135,6 +138,7 @@ def get(
     timeout: float = 30,
     on_progress: ProgressCallback | None = None,
     root: str = "study",
+    tls: ssl.SSLContext | None = None,
 ) -> SubOperations:
     """C-GET what ``identifier`` names from ``peer``; each instance goes to ``receive``.
 
@@ -150,6 +154,7 @@ def get(
         peer, check_calling_ae(calling_ae), contexts, timeout,
         service=f"C-GET in the {root.capitalize()} Root Query/Retrieve information model",
         ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store, [receive, source])],
+        tls=tls,
     )
     finished = False
     try:

@@ -21,6 +21,7 @@ is the very thread running them).
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -83,6 +84,7 @@ class Outgoing:
     calling_ae: str
     timeout: float
     max_pdu: int
+    tls: ssl.SSLContext | None = None  # for destinations with tls: true (node.tls)
 
 
 def proposed_contexts(instances: Iterable[StoredInstance]) -> list[PresentationContext]:
@@ -268,7 +270,7 @@ def move_destination(peer: Peer, outgoing: Outgoing, instances: Sequence[StoredI
     """
     assoc = open_association(
         peer, outgoing.calling_ae, proposed_contexts(instances), outgoing.timeout,
-        service="the Storage service for the C-MOVE", max_pdu=outgoing.max_pdu,
+        service="the Storage service for the C-MOVE", max_pdu=outgoing.max_pdu, tls=outgoing.tls,
         evt_handlers=[(evt.EVT_CONN_OPEN, _responsive)],
     )
     finished = False
