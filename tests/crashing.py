@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from tests.conftest import NodeProcess, poll_until
-from tests.dicomdata import CT_IMAGE, encoded_as, make_instance, no_delay, sha256_file
+from tests.dicomdata import (
+    CT_IMAGE,
+    encoded_as,
+    make_instance,
+    no_delay,
+    reactor_paused,
+    sha256_file,
+)
 
 # Rows of the instances sent: 512 B to 512 KiB of pixel data; the largest take several PDUs.
 ROWS = (16, 64, 64, 128, 256, 512)
@@ -33,24 +39,6 @@ INGEST_TIMEOUT = 60.0  # seconds a round may take to collect its acknowledgement
 # send (the closed connection does not wake the waiting sender): keep it short.  The node
 # answers in milliseconds; a slow answer only means one instance not counted as acknowledged.
 DIMSE_TIMEOUT = 3.0
-
-
-def reactor_paused(assoc: Association) -> Association:
-    """Hold pynetdicom's requestor reactor before the caller sends its next request.
-
-    pynetdicom 3.0 pauses its reactor thread for a send_c_*() with a flag that is set just
-    before the thread blocks; a reactor that passed the checkpoint a moment earlier can still
-    take the first response off the queue and drop it as "Received unexpected C-... service
-    message" (pynetdicom issue #875).  Under load (dozens of associations in one test process)
-    that lost a C-FIND match in a few percent of queries, or left a C-STORE waiting for the
-    whole DIMSE timeout.  Here the checkpoint is cleared and the reactor seen blocked on it (a
-    waiter on the event) before pynetdicom's own pause runs.
-    """
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    poll_until(lambda: bool(checkpoint._cond._waiters) or not assoc.is_established,
-               timeout=10, interval=0.0005)
-    return assoc
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,9 +150,30 @@ def send_datasets(port: int, datasets: Iterable[Dataset], called: str = "DICOMNO
     assert assoc.is_established, "association rejected"
     no_delay(assoc)
     try:
-        return [_sent(str(ds.SOPInstanceUID), assoc.send_c_store(ds)) for ds in items]
+        return [_sent(str(ds.SOPInstanceUID), reactor_paused(assoc).send_c_store(ds))
+                for ds in items]
     finally:
         assoc.release()
+
+
+def reactor_paused(assoc: Association) -> Association:
+    """Hold pynetdicom's requestor reactor before the caller sends its next request.
+
+    pynetdicom 3.0 pauses its reactor thread for a send_c_*() with a flag that is set just
+    before the thread blocks; a reactor that passed the checkpoint a moment earlier can still
+    take the first response off the queue and drop it as "Received unexpected C-... service
+    message" (pynetdicom issue #875).  Under load (dozens of associations in one test process)
+    that lost a C-FIND match in a few percent of queries, or left a C-STORE waiting for the
+    whole DIMSE timeout.  Here the checkpoint is cleared and the reactor seen blocked on it (a
+    waiter on the event) before pynetdicom's own pause runs.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + 10
+    pause = threading.Event()  # never set: a bounded pause between looks
+    while not checkpoint._cond._waiters and assoc.is_established and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        pause.wait(0.0005)
+    return assoc
 
 
 def no_delay(assoc: Association) -> None:
@@ -225,7 +247,7 @@ def store_association(port: int, paths: Sequence[Path], called: str = "DICOMNODE
 
         def send(path: Path) -> Sent:
             uid = str(file_meta_of(path).MediaStorageSOPInstanceUID)
-            return _sent(uid, assoc.send_c_store(path))
+            return _sent(uid, reactor_paused(assoc).send_c_store(path))
 
         try:
             yield send

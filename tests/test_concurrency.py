@@ -36,7 +36,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests import retrievedata as rd
 from tests.conftest import NodeProcess, dcmtk_env, dcmtk_tool, free_port, make_node, poll_until
-from tests.crashing import reactor_paused
 from tests.dicomdata import (
     CT_IMAGE,
     PREFIX,
@@ -45,6 +44,7 @@ from tests.dicomdata import (
     file_meta_of,
     make_instance,
     no_delay,
+    reactor_paused,
     sha256_file,
     write_part10,
 )
