@@ -32,7 +32,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from tests import pdus
 from tests.conftest import echo, poll_until
-from tests.dicomdata import PREFIX, make_instance, send_datasets
+from tests.dicomdata import PREFIX, make_instance, reactor_paused, send_datasets
 
 MiB = 1024 * 1024
 
@@ -448,7 +448,7 @@ def _find_study(port: int, study: str) -> list[str]:
     query.StudyInstanceUID = study
     found: list[str] = []
     try:
-        for status, identifier in assoc.send_c_find(
+        for status, identifier in reactor_paused(assoc).send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind):
             if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
                 found.append(str(identifier.StudyInstanceUID))

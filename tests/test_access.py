@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import ConfigError, build_config
 from tests import retrievedata as rd
 from tests.conftest import NodeProcess, dcmtk_env, dcmtk_tool, free_port, poll_until
-from tests.dicomdata import PREFIX, make_instance, send_datasets
+from tests.dicomdata import PREFIX, make_instance, reactor_paused, send_datasets
 
 STUDY = f"{PREFIX}91.1"
 NOT_AUTHORIZED = 0x0124
@@ -57,7 +57,8 @@ def statuses(assoc: Association, service: str) -> list[int]:
     query = rd.identifier("STUDY", StudyInstanceUID=STUDY)
     try:
         if service == "find":
-            responses = assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            responses = reactor_paused(assoc).send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind)
         elif service == "get":
             responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         else:

@@ -37,7 +37,7 @@ from node.services import Services, open_services
 from node.store import Store
 from tests import retrievedata as rd
 from tests.conftest import REPO, NodeProcess, poll_until
-from tests.dicomdata import PREFIX, make_instance, send_datasets
+from tests.dicomdata import PREFIX, make_instance, reactor_paused, send_datasets
 from tests.findcorpus import encoded, receive_all
 
 # Two patients: P1 with studies A (two series) and B, P2 with study C.
@@ -262,7 +262,7 @@ def find_studies(port: int, patient_id: str) -> set[str]:
     query.StudyInstanceUID = ""
     found = set()
     try:
-        for status, identifier in assoc.send_c_find(query,
+        for status, identifier in reactor_paused(assoc).send_c_find(query,
                                                     StudyRootQueryRetrieveInformationModelFind):
             if status.Status in (0xFF00, 0xFF01):
                 found.add(str(identifier.StudyInstanceUID))

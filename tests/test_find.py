@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests import findcorpus as fc
 from tests.conftest import NodeProcess, make_node
-from tests.dicomdata import CT_IMAGE, MR_IMAGE, make_instance, no_delay
+from tests.dicomdata import CT_IMAGE, MR_IMAGE, make_instance, no_delay, reactor_paused
 
 # pydicom warns when a query value is not valid for its VR ('?R', '2024*', '1.2.826.*' …),
 # which these tests send on purpose.
@@ -203,7 +203,7 @@ def c_find(node: NodeProcess, root: str, level: str | None, keys: Keys,
     if assoc is None or not assoc.is_established:
         assoc = _open[node.port] = associate(node)
     try:
-        answer = collect(assoc.send_c_find(ds, MODELS[root]))
+        answer = collect(reactor_paused(assoc).send_c_find(ds, MODELS[root]))
     except BaseException:
         # responses may still be in flight: never let the next query read them
         del _open[node.port]
@@ -818,7 +818,7 @@ def test_group_length_in_query_is_ignored(corpus_node: NodeProcess,
     monkeypatch.setattr("pynetdicom.association.encode", with_group_length)
     assoc = associate(corpus_node, [ImplicitVRLittleEndian])
     try:
-        answer = collect(assoc.send_c_find(query, MODELS["study"]))
+        answer = collect(reactor_paused(assoc).send_c_find(query, MODELS["study"]))
     finally:
         assoc.release()
     monkeypatch.undo()
@@ -1022,7 +1022,8 @@ def test_c_cancel_stops_the_query(nodes: Nodes) -> None:
         message_id = 7
         pending = 0
         final: Dataset | None = None
-        for status, _ in assoc.send_c_find(query, MODELS["study"], msg_id=message_id):
+        for status, _ in reactor_paused(assoc).send_c_find(query, MODELS["study"],
+                                                            msg_id=message_id):
             assert "Status" in status, "no response (timeout or abort)"
             if int(status.Status) in PENDING:
                 pending += 1
@@ -1033,7 +1034,7 @@ def test_c_cancel_stops_the_query(nodes: Nodes) -> None:
         assert final is not None and int(final.Status) == CANCELLED
         assert 1 <= pending < BULK, f"{pending} responses of {BULK} arrived"
         # the same association still answers a complete query afterwards
-        again = collect(assoc.send_c_find(query, MODELS["study"], msg_id=8))
+        again = collect(reactor_paused(assoc).send_c_find(query, MODELS["study"], msg_id=8))
         assert (again.status, len(again.matches)) == (SUCCESS, BULK)
     finally:
         assoc.release()
@@ -1084,7 +1085,7 @@ def test_combined_date_time_matching_when_negotiated(corpus_node: NodeProcess, n
         query = identifier("STUDY", {"StudyDate": day, "StudyTime": moment,
                                      "StudyInstanceUID": ""})
         found = {fc.NAME_OF[str(ds.StudyInstanceUID)]
-                 for status, ds in assoc.send_c_find(
+                 for status, ds in reactor_paused(assoc).send_c_find(
                      query, StudyRootQueryRetrieveInformationModelFind)
                  if ds is not None and int(status.Status) in PENDING}
     finally:

@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests import findcorpus as fc
 from tests.conftest import NodeProcess, dcmtk_env, dcmtk_tool, make_node
+from tests.dicomdata import reactor_paused
 
 DOES_NOT_MATCH = 0xA900
 U = fc.uid_of
@@ -280,7 +281,8 @@ def test_answers_in_each_uncompressed_transfer_syntax(corpus_node: NodeProcess,
     query.NumberOfStudyRelatedInstances = ""
     try:
         assert assoc.accepted_contexts[0].transfer_syntax[0] == syntax
-        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        answers = list(reactor_paused(assoc).send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind))
     finally:
         assoc.release()
     assert [int(status.Status) for status, _ in answers] == [0xFF00, 0x0000]

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests import findcorpus as fc
 from tests.conftest import NodeProcess
-from tests.dicomdata import CT_IMAGE, no_delay
+from tests.dicomdata import CT_IMAGE, no_delay, reactor_paused
 from tests.orthanc import OrthancProcess, orthanc_available
 
 if not orthanc_available():
@@ -131,7 +131,7 @@ def c_find(pair: Pair, server: str, root: str, query: Dataset) -> Answer:
         assoc = pair.associations[server] = _associate(port, called)
     matches: list[Dataset] = []
     try:
-        for status, identifier in assoc.send_c_find(query, MODELS[root]):
+        for status, identifier in reactor_paused(assoc).send_c_find(query, MODELS[root]):
             assert "Status" in status, f"no response from {server} (timeout or abort)"
             if int(status.Status) in PENDING:
                 assert identifier is not None, f"{server}: a pending response without identifier"

@@ -39,6 +39,7 @@ from tests.dicomdata import (
     dataset_bytes_of,
     make_instance,
     no_delay,
+    reactor_paused,
     send_datasets,
     send_files,
     write_part10,
@@ -178,7 +179,7 @@ def _study_uids(node: NodeProcess) -> set[str]:
     query.StudyInstanceUID = None
     try:
         return {str(identifier.StudyInstanceUID)
-                for rsp, identifier in assoc.send_c_find(
+                for rsp, identifier in reactor_paused(assoc).send_c_find(
                     query, StudyRootQueryRetrieveInformationModelFind)
                 if int(rsp.Status) in (0xFF00, 0xFF01) and identifier is not None}
     finally:

@@ -37,6 +37,7 @@ from tests.dicomdata import (
     PREFIX,
     dataset_bytes_of,
     make_instance,
+    reactor_paused,
     send_files,
     write_part10,
     write_raw_part10,
@@ -97,7 +98,8 @@ def _find(port: int, study: str) -> int:
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study
     try:
-        responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        responses = list(reactor_paused(assoc).send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind))
     finally:
         assoc.release()
     return int(responses[-1][0].Status)

@@ -14,7 +14,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.conftest import REPO, NodeProcess
-from tests.dicomdata import PREFIX, make_instance, send_datasets
+from tests.dicomdata import PREFIX, make_instance, reactor_paused, send_datasets
 from tests.test_postgresql import pg_rows
 
 
@@ -49,7 +49,7 @@ def answers(port: int) -> list[tuple[str, ...]]:
         query.PatientName = ""
         query.StudyInstanceUID = ""
         query.NumberOfStudyRelatedInstances = ""
-        for status, identifier in assoc.send_c_find(
+        for status, identifier in reactor_paused(assoc).send_c_find(
                 query, PatientRootQueryRetrieveInformationModelFind):
             if status.Status == 0xFF00:
                 found.append((str(identifier.PatientID), str(identifier.PatientName),

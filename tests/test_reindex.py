@@ -33,7 +33,7 @@ from node.dicom.part10 import file_meta_bytes
 from node.store import Store
 from tests import findcorpus as fc
 from tests.conftest import REPO, NodeProcess, sqlite_only
-from tests.dicomdata import CT_IMAGE, make_instance, no_delay, send_datasets
+from tests.dicomdata import CT_IMAGE, make_instance, no_delay, reactor_paused, send_datasets
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 
@@ -106,7 +106,7 @@ def answers(node: NodeProcess) -> list[tuple[int, list[tuple[tuple[str, str], ..
     try:
         for root, query in queries():
             matches, status = [], None
-            for rsp, identifier in assoc.send_c_find(query, MODELS[root]):
+            for rsp, identifier in reactor_paused(assoc).send_c_find(query, MODELS[root]):
                 code = int(rsp.Status)
                 if code in PENDING:
                     assert identifier is not None

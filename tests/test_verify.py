@@ -35,7 +35,7 @@ from node.index.database import connect, ensure_schema
 from node.index.maintenance import rows_with_prefix
 from node.index.writer import IndexWriter, Source
 from tests.conftest import REPO, NodeProcess
-from tests.dicomdata import PREFIX, make_instance, no_delay, send_datasets
+from tests.dicomdata import PREFIX, make_instance, no_delay, reactor_paused, send_datasets
 
 PATIENT_NAME, PATIENT_ID = "Verify^Victoria", "VERIFY-42"
 PG_SERVER = os.environ.get("DICOMNODE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
@@ -66,7 +66,8 @@ def studies(node: NodeProcess) -> dict[str, int]:
     query.NumberOfStudyRelatedInstances = None
     found = {}
     try:
-        for rsp, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        for rsp, identifier in reactor_paused(assoc).send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind):
             if int(rsp.Status) in (0xFF00, 0xFF01):
                 assert identifier is not None
                 found[str(identifier.StudyInstanceUID)] = int(
