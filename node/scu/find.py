@@ -24,6 +24,7 @@ from node.dimse.status import SUCCESS, describe_status, is_pending, is_warning
 from node.remote.errors import QueryFailed
 from node.remote.query import Query, build_query
 from node.scu.association import check_calling_ae, close, open_association, where
+from node.scu.send import paused_while
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _matches(peer: Peer, calling_ae: str, query: Query, timeout: float,
             responses = assoc.send_c_find(query.identifier, query.model)
         except (ValueError, RuntimeError) as exc:  # identifier not encodable, association gone
             raise QueryFailed(f"cannot send the query to {where(peer)}: {exc}") from exc
-        for status, identifier in responses:
+        for status, identifier in paused_while(assoc, responses):
             code = int(status.Status) if "Status" in status else None
             if code is None:  # pynetdicom's sign of an abort, a DIMSE timeout or a bad message
                 raise QueryFailed(

@@ -57,6 +57,7 @@ from node.remote.errors import (
 )
 from node.remote.pull import SubOperations
 from node.scu.association import check_calling_ae, close, open_association, where
+from node.scu.send import paused_while
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def move(
             responses = assoc.send_c_move(identifier, destination, model)
         except (ValueError, RuntimeError) as exc:  # identifier not encodable, association gone
             raise RetrieveFailed(f"cannot send the C-MOVE to {where(peer)}: {exc}") from exc
-        final = _follow(peer, "C-MOVE", responses, on_progress, timeout)
+        final = _follow(peer, "C-MOVE", paused_while(assoc, responses), on_progress, timeout)
         finished = True
     finally:
         close(assoc, finished)
@@ -167,7 +168,7 @@ def get(
             responses = assoc.send_c_get(identifier, model)
         except (ValueError, RuntimeError) as exc:
             raise RetrieveFailed(f"cannot send the C-GET to {where(peer)}: {exc}") from exc
-        final = _follow(peer, "C-GET", responses, on_progress, timeout)
+        final = _follow(peer, "C-GET", paused_while(assoc, responses), on_progress, timeout)
         finished = True
     finally:
         close(assoc, finished)

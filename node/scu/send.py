@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from pydicom.uid import UID
 from pynetdicom import evt
@@ -275,7 +276,7 @@ def move_destination(peer: Peer, outgoing: Outgoing, instances: Sequence[StoredI
     )
     finished = False
     try:
-        with _reactor_paused(assoc):
+        with reactor_paused(assoc):
             yield Sender(assoc, where(peer), priority, 1, originator)
         finished = True
     finally:
@@ -287,12 +288,27 @@ def _responsive(event: Event) -> None:
     make_association_responsive(event.assoc)
 
 
-@contextmanager
-def _reactor_paused(assoc: Association) -> Iterator[None]:
-    """Keep the requestor's reactor from taking C-STORE responses off the message queue.
+T = TypeVar("T")
 
-    This is the pause ``Association.send_c_store`` makes around each message (its reactor
-    checkpoint), held for all sub-operations; the reactor resumes to handle the release.
+
+def paused_while(assoc: Association, responses: Iterator[T]) -> Iterator[T]:
+    """``responses`` (a pynetdicom ``send_c_*`` generator, which sends its request when first
+    asked), with the requestor's reactor paused from before the request until the last
+    response (``reactor_paused``)."""
+    with reactor_paused(assoc):
+        yield from responses
+
+
+@contextmanager
+def reactor_paused(assoc: Association) -> Iterator[None]:
+    """Keep the requestor's reactor from taking responses off the message queue.
+
+    This is the pause pynetdicom's ``send_c_*`` make around each request (the reactor
+    checkpoint), but taken and seen to hold *before* the request goes out, and held for the
+    whole exchange; the reactor resumes afterwards to handle the release.  pynetdicom's own
+    pause is set just before its reactor blocks, so a reactor past the checkpoint a moment
+    earlier can take the first response and drop it as "unexpected" (pynetdicom issue #875):
+    a lost C-FIND match, or a C-STORE/C-MOVE waiting out its DIMSE timeout.
     """
     assoc._reactor_checkpoint.clear()
     wait = threading.Event()  # never set: a bounded pause between looks
