@@ -73,8 +73,10 @@ _MAX_DEPTH = 32  # sequences nested deeper than this are no real instance
 # in a component are tolerated because real modalities send them and they are harmless here.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MAX_UID = 64
-# Bound on inflating a deflated dataset (PS3.5 A.5), so a deflate bomb cannot exhaust memory.
-MAX_INFLATED_BYTES = 1 << 30
+# Bound on inflating a deflated dataset (PS3.5 A.5), so a deflate bomb cannot exhaust memory:
+# each association may hold this much at once.  Deflate is meant for data sets without large
+# pixel data (structured reports, presentation states), which stay far below it.
+MAX_INFLATED_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
