@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
@@ -90,9 +89,9 @@ class Recorder:
     def stored(self, status: int, size: int, seconds: float) -> None:
         """A C-STORE of ``size`` data set bytes answered with ``status``."""
 
-    def sub_operation(self, service: str, delivered: bool, path: Path) -> None:
-        """A C-MOVE/C-GET sub-operation sent the stored file ``path`` (``delivered``) or
-        failed."""
+    def sub_operation(self, service: str, delivered: bool, size: int) -> None:
+        """A C-MOVE/C-GET sub-operation sent a stored file of ``size`` bytes (``delivered``)
+        or failed."""
 
 
 NO_METRICS: Final = Recorder()  # stateless: one shared instance is as good as many
@@ -183,18 +182,13 @@ class Metrics(Recorder):
             self._received_instances.inc()
             self._received_bytes.inc(size)
 
-    def sub_operation(self, service: str, delivered: bool, path: Path) -> None:
+    def sub_operation(self, service: str, delivered: bool, size: int) -> None:
         instances, sent_bytes, failed = self._sent[service]
         if not delivered:
             failed.inc()
             return
         instances.inc()
-        try:
-            sent_bytes.inc(path.stat().st_size)
-        except FileNotFoundError:
-            # Deleted (retention, replace) since it was sent: its bytes cannot be told any
-            # more; the instance still counts.
-            log.debug("sent file %s gone before its size was read", path)
+        sent_bytes.inc(size)
 
 
 class StoreTotals:

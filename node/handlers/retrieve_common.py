@@ -296,7 +296,7 @@ def run_sub_operations(retrieval: Retrieval, instances: list[StoredInstance],
         sent = send(instance, instances[number] if number < len(instances) else None)
         tally.count(instance, sent)
         retrieval.metrics.sub_operation(retrieval.service, sent.result is not Result.FAILED,
-                                        instance.path)
+                                        instance.size)
         if sent.result is not Result.COMPLETED:
             log.warning("%s sub-operation %s %s: %s", retrieval.service,
                         instance.sop_instance_uid, sent.result.value, sent.detail)

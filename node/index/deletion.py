@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
 
-from peewee import Database, SqliteDatabase, fn
+from peewee import Database, SqliteDatabase
 
 from node.index.leases import leased
+from node.index.maintenance import prune
 from node.index.models import Instance, Patient, Series, Study
 
 
@@ -79,47 +80,32 @@ def remove_from_study(db: Database, study_id: int, level: Level,
     it (nothing removed).  The files of the removed rows are listed for the caller to delete.
     """
     with db.atomic():
-        lock: Any = Study.select(Study.id, Study.study_instance_uid, Study.patient).where(
-            Study.id == study_id)
+        lock: Any = Study.select(Study.id, Study.study_instance_uid).where(Study.id == study_id)
         if not isinstance(db, SqliteDatabase):
             # Waits for a retrieve taking its lease (FOR SHARE) to commit, and holds off one
             # that comes after, until this transaction ends (node.index.leases).
             lock = lock.for_update()
-        found = cast(list[tuple[int, str, int]], list(lock.tuples().execute(db)))
+        found = cast(list[tuple[int, str]], list(lock.tuples().execute(db)))
         if not found:
             return None
-        _, study_uid, patient_id = found[0]
+        _, study_uid = found[0]
         removal = StudyRemoval(str(study_uid))
         if Study.select(Study.id).where((Study.id == study_id) & leased(Study.id)).exists(db):
             removal.leased = True
             return removal
         series_ids = Series.select(Series.id).where(Series.study == study_id)
-        doomed: Any = Instance.select(Instance.id, Instance.digest, Instance.size).where(
-            Instance.series.in_(series_ids))
+        doomed: Any = Instance.select(Instance.id, Instance.digest, Instance.size,
+                                      Instance.series).where(Instance.series.in_(series_ids))
         if level is Level.SERIES:
             doomed = doomed.join(Series).where(Series.series_instance_uid.in_(list(values)))
         elif level is Level.INSTANCE:
             doomed = doomed.where(Instance.sop_instance_uid.in_(list(values)))
-        rows = cast(list[tuple[int, str, int]], list(doomed.tuples().execute(db)))
-        removal.files = [RemovedFile(str(digest), int(size)) for _, digest, size in rows]
-        ids = [row_id for row_id, _, _ in rows]
+        rows = cast(list[tuple[int, str, int, int]], list(doomed.tuples().execute(db)))
+        removal.files = [RemovedFile(str(digest), int(size)) for _, digest, size, _ in rows]
+        ids = [row_id for row_id, _, _, _ in rows]
         for start in range(0, len(ids), 500):  # bounded statement size on either database
             Instance.delete().where(Instance.id.in_(ids[start:start + 500])).execute(db)
-        _prune_study(db, study_id, int(patient_id), removal)
+        for series_id in sorted({int(series) for _, _, _, series in rows}):
+            prune(db, series_id)
+        removal.study_gone = not Study.select(Study.id).where(Study.id == study_id).exists(db)
     return removal
-
-
-def _prune_study(db: Database, study_id: int, patient_id: int, removal: StudyRemoval) -> None:
-    """Remove the series, study and patient rows left without instances."""
-    empty_series = Series.select(Series.id).where(
-        (Series.study == study_id)
-        & ~fn.EXISTS(Instance.select(Instance.id).where(Instance.series == Series.id)))
-    ids = [int(s) for (s,) in cast(Iterable[tuple[int]], empty_series.tuples().execute(db))]
-    if ids:
-        Series.delete().where(Series.id.in_(ids)).execute(db)
-    if Series.select(Series.id).where(Series.study == study_id).exists(db):
-        return
-    Study.delete().where(Study.id == study_id).execute(db)
-    removal.study_gone = True
-    if not Study.select(Study.id).where(Study.patient == patient_id).exists(db):
-        Patient.delete().where(Patient.id == patient_id).execute(db)

@@ -122,11 +122,12 @@ def drop_instance(db: Database, row: IndexedFile) -> bool:
         if not series_ids:
             return False
         Instance.delete().where(Instance.id == row.id).execute(db)
-        _prune(db, series_ids[0])
+        prune(db, series_ids[0])
     return True
 
 
-def _prune(db: Database, series_id: int) -> None:
+def prune(db: Database, series_id: int) -> None:
+    """Remove the series if it holds no instance, then its study and patient if left empty."""
     if Instance.select(Instance.id).where(Instance.series == series_id).exists(db):
         return
     study_id = Series.select(Series.study).where(Series.id == series_id).scalar(db)

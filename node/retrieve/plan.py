@@ -37,6 +37,7 @@ class StoredInstance:
     sop_instance_uid: str
     transfer_syntax_uid: str
     path: Path
+    size: int  # bytes of the file, as indexed
 
 
 class RetrievePlanner:
@@ -83,7 +84,7 @@ class RetrievePlanner:
               study_ids: list[int] | None = None) -> list[StoredInstance]:
         query: Any = _matching(
             Instance.select(Instance.sop_class_uid, Instance.sop_instance_uid,
-                            Instance.transfer_syntax_uid, Instance.digest)
+                            Instance.transfer_syntax_uid, Instance.digest, Instance.size)
             .join(Series)
             .join(Study), request)
         if study_ids is not None:  # those leased: a study deleted since is not among them
@@ -92,12 +93,12 @@ class RetrievePlanner:
         if limit is not None:
             query = query.limit(limit)
         try:
-            rows: list[tuple[str, str, str, str]] = list(query.tuples())
+            rows: list[tuple[str, str, str, str, int]] = list(query.tuples())
         except PeeweeException as exc:
             raise IndexUnavailable(f"cannot read the index: {exc}") from exc
         return [
-            StoredInstance(sop_class, sop_instance, syntax, self.store.path_of(digest))
-            for sop_class, sop_instance, syntax, digest in rows
+            StoredInstance(sop_class, sop_instance, syntax, self.store.path_of(digest), int(size))
+            for sop_class, sop_instance, syntax, digest, size in rows
         ]
 
 
