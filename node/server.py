@@ -49,7 +49,7 @@ from node.handlers.store_direct import StoreService
 from node.latency import make_association_responsive
 from node.logs import set_level
 from node.metrics import NO_METRICS, Endpoint, Metrics, Recorder, index_totals, start_endpoint
-from node.recovery import sweep
+from node.recovery import SharedSweeper, SweepReport, sweep, sweep_shared
 from node.scu.send import Outgoing
 from node.services import Services, open_services
 from node.systemd import Notifier, Watchdog, watchdog_interval
@@ -333,7 +333,8 @@ def serve(config: NodeConfig, environ: Mapping[str, str] | None = None) -> None:
     try:
         # A crash leaves at most one unacknowledged file per writer in flight: the
         # associations, and a pull's or an import's workers beside them.
-        sweep(services.store, max_orphans=4 * config.max_associations + 64)
+        max_orphans = 4 * config.max_associations + 64
+        sweep(services.store, max_orphans, services.index.is_referenced)
         metrics = (Metrics(config.ae_title, partial(index_totals, services.db))
                    if config.metrics is not None else None)
         node = start(services, metrics or NO_METRICS)
@@ -356,12 +357,15 @@ def serve(config: NodeConfig, environ: Mapping[str, str] | None = None) -> None:
         if watchdog is not None:
             watchdog.start()
         services.retention.start()
+        sweeper = SharedSweeper(partial(_sweep_shared, services, max_orphans))
+        sweeper.start()
         try:
             _run(node, services, signals, notifier)
         finally:
             stopping.set()
             notifier.stopping()
             node.stop(services.config.stop_grace)
+            sweeper.stop()
             services.retention.stop()
             if endpoint is not None:
                 endpoint.stop()
@@ -370,6 +374,13 @@ def serve(config: NodeConfig, environ: Mapping[str, str] | None = None) -> None:
     finally:
         services.close()
     log.info("stopped")
+
+
+def _sweep_shared(services: Services, max_orphans: int) -> SweepReport:
+    try:
+        return sweep_shared(services.store, services.index.is_referenced, max_orphans)
+    finally:
+        services.release_connection()  # the sweeper's thread holds no pooled connection
 
 
 def _client_certificates(config: NodeConfig) -> str:

@@ -316,15 +316,17 @@ class Store:
             return None
         return self._folder_sync.submit(directory)
 
-    def quarantine(self, path: Path) -> Path:
+    def quarantine(self, path: Path, name: str | None = None) -> Path:
         """Move ``path`` (a file of the store) into ``quarantine/``, never overwriting.
 
-        The file keeps its name (a digest, never a dataset attribute), with ``.1``, ``.2``…
-        added when that name is taken.  Linked first, then unlinked, so that at no moment is it
-        in neither place; both folders are fsynced.  Returns where it went.
+        The file keeps its name, or takes ``name`` (a digest either way, never a dataset
+        attribute), with ``.1``, ``.2``… added when that name is taken.  Linked first, then
+        unlinked, so that at no moment is it in neither place; both folders are fsynced.
+        Returns where it went.
         """
         self.quarantined.mkdir(exist_ok=True)
-        target = self.quarantined / path.name
+        name = name or path.name
+        target = self.quarantined / name
         suffix = 0
         while True:
             try:
@@ -332,7 +334,7 @@ class Store:
                 break
             except FileExistsError:
                 suffix += 1
-                target = self.quarantined / f"{path.name}.{suffix}"
+                target = self.quarantined / f"{name}.{suffix}"
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the copy counts
             os.unlink(path)
         _fsync_dir(self.quarantined)
@@ -349,15 +351,17 @@ class Store:
         _fsync_dir(path.parent)
         return True
 
-    def remove_unreferenced(self, digest: str, referenced: Callable[[str], bool]) -> bool:
-        """Delete the file with ``digest`` unless an index row names it; True when deleted.
+    def remove_unreferenced(self, digest: str, referenced: Callable[[str], bool],
+                            to_quarantine: bool = False) -> bool:
+        """Delete the file with ``digest`` unless an index row names it; True when removed.
 
         For files whose rows were just deleted (or never committed).  The same instance may
         arrive again meanwhile and find the file still there, so nothing new is written, and
         index it: deleting the file then would leave a row without its file.  So the file is
         first moved aside (into ``tmp/``, cleared at start-up), then the index is asked: a row
-        that names it now puts the file back; else it is deleted.  An ingest that committed its
-        row after that question finds the file gone and writes it again (node.ingest).
+        that names it now puts the file back; else it is deleted, or moved into
+        ``quarantine/`` with ``to_quarantine``.  An ingest that committed its row after that
+        question finds the file gone and writes it again (node.ingest).
         """
         path = self.path_of(digest)
         parked = os.path.join(self._tmp, f"{digest}.deleting")
@@ -372,7 +376,10 @@ class Store:
             if keep:
                 with contextlib.suppress(FileExistsError):  # written again: same content
                     os.link(parked, path)
-            os.unlink(parked)
+            if to_quarantine and not keep:
+                self.quarantine(Path(parked), name=digest)
+            else:
+                os.unlink(parked)
             _fsync_dir(path.parent)
         return not keep
 
@@ -384,6 +391,29 @@ class Store:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+    def clear_stale_temporary(self, older_than: float) -> int:
+        """Remove the write files in ``tmp/`` last written before ``older_than`` (epoch s).
+
+        Safe while other processes write: a write in flight touches its file continually.
+        Files parked by a deletion (``*.deleting``) keep their old times and may still be put
+        back, so they are left to ``clear_temporary`` at a start with the store held alone.
+        """
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            if (entry.name.endswith(".part") and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < older_than):
+                with contextlib.suppress(FileNotFoundError):  # finished meanwhile
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def written_before(self, digest: str, older_than: float) -> bool:
+        """True when the file ``digest`` exists and was written before ``older_than``."""
+        try:
+            return self.path_of(digest).stat().st_mtime < older_than
+        except FileNotFoundError:
+            return False
 
     def prefixes(self) -> Iterator[str]:
         """The two-hex-digit first fan-out folders present, sorted."""

@@ -3,6 +3,7 @@ parallel ingest are tests/test_crash.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -112,25 +113,56 @@ def test_a_lost_index_stops_the_start_and_removes_nothing(node: NodeProcess) -> 
     assert node.stored_files() == files
 
 
-def test_sweep_waits_while_another_process_has_the_store_open(node: NodeProcess) -> None:
-    """A pull or import writing to the store: its temporary files are not garbage yet."""
+def _orphan(node: NodeProcess, content: bytes, age: float = 0.0) -> Path:
+    """A file in the store that no row names, last written ``age`` seconds ago."""
+    import hashlib
+
+    digest = hashlib.sha256(content).hexdigest()
+    path = node.storage / "objects" / digest[:2] / digest[2:4] / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    if age:
+        os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_sweep_beside_another_process_takes_only_old_leftovers(node: NodeProcess) -> None:
+    """A pull, an import or another node writing to the store: its recent temporary files and
+    files whose rows are about to be committed are not garbage; what is over an hour old is
+    (a crash's leftovers, which several nodes that never all stop would keep for ever)."""
+    assert [s.status for s in send_datasets(node.port, [make_instance()])] == [0]
+    kept = node.stored_files()
     assert node.stop() == 0
-    leftover = node.storage / "tmp" / "in-flight.part"
-    leftover.write_bytes(b"being written by another process")
+    in_flight = node.storage / "tmp" / "in-flight.part"
+    in_flight.write_bytes(b"being written by another process")
+    stale = node.storage / "tmp" / "stale.part"
+    stale.write_bytes(b"left by a crash")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    parked = node.storage / "tmp" / f"{'0' * 64}.deleting"  # a deletion in another process
+    parked.write_bytes(b"parked")
+    os.utime(parked, (two_hours_ago, two_hours_ago))
+    fresh_orphan = _orphan(node, b"renamed into place, row not committed yet")
+    old_orphan = _orphan(node, b"left by a crash two hours ago", age=7200)
     holder = subprocess.Popen(  # holds the store open like a running pull
         [sys.executable, "-c", HOLD_STORE, str(node.config_path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
         node.start()
-        assert leftover.exists()
-        assert "start-up sweep skipped: another process has the store" in node.log()
+        assert "another process has the store" in node.log()
+        assert in_flight.exists() and fresh_orphan.exists() and parked.exists()
+        assert not stale.exists() and not old_orphan.exists()
+        assert (node.storage / "quarantine" / old_orphan.name).read_bytes() == \
+            b"left by a crash two hours ago"
+        assert "shared sweep removed 1 temporary and 1 unindexed" in node.log()
         assert node.stop() == 0
     finally:
         holder.communicate(b"\n", timeout=30)
-    node.start()  # alone again: the sweep runs
-    assert not leftover.exists()
-    assert "removed 1 temporary" in node.log()
+    node.start()  # alone again: the full sweep takes the rest
+    assert not in_flight.exists() and not fresh_orphan.exists() and not parked.exists()
+    assert "removed 2 temporary and 1 unindexed" in node.log()
+    assert node.stored_files() == kept
 
 
 HOLD_STORE = """

@@ -213,7 +213,9 @@ def test_stored_through_a_found_and_retrieved_through_b(node_factory: Any, postg
     # One file per instance in the one store, each named by its hash.
     files = a.stored_files()
     assert len(files) == len(corpus.files) and all(sha256_file(p) == p.name for p in files)
-    assert "start-up sweep skipped" in b.log()  # A had the store open: B left it alone
+    # A had the store open: B swept only what is older than an hour (nothing here).
+    assert "only files older than 60 min are swept" in b.log()
+    assert "shared sweep: " in b.log()
     assert a.stop() == 0 and b.stop() == 0
 
 
@@ -331,9 +333,10 @@ def test_kill_one_node_mid_ingest_while_the_other_serves(node_factory: Any,
         acknowledged.extend(s.acknowledged)
     assert senders[b.port].errors == []  # B's associations never failed
 
-    # A starts again beside B: B has the store open, so the sweep waits; nothing is lost.
+    # A starts again beside B: B has the store open, so only old leftovers are swept (none:
+    # A's crash is seconds old); nothing is lost.
     a.start()
-    assert "start-up sweep skipped" in a.log()
+    assert "only files older than 60 min are swept" in a.log()
     indexed = {uid for (uid,) in a.rows("SELECT sop_instance_uid FROM instance")}
     assert not set(acknowledged) - indexed
     counted = sum(study_counts(a.port).values())

@@ -52,7 +52,9 @@ def connect(url: DatabaseURL, max_connections: int = 16, timeout: float = 10.0) 
             port=parts.port or None,
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
-            max_connections=max_connections + 2,  # one per association, plus maintenance
+            # One per association, plus the threads of serve that use the index on their
+            # own: retention, the shared sweep and the metrics endpoint.
+            max_connections=max_connections + 3,
             stale_timeout=300,
             timeout=timeout,  # seconds to wait for a free pooled connection
             connect_timeout=max(1, int(timeout)),
