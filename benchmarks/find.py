@@ -921,9 +921,16 @@ class FindFailed(Exception):
 
 
 def run_find(assoc: Any, query: Query, model: Any) -> list[Any]:
-    """One C-FIND; the pending identifiers, or FindFailed with the status."""
+    """One C-FIND; the pending identifiers, or FindFailed with the status.
+
+    The requestor's reactor is paused around the exchange, as in the node's own client: else
+    pynetdicom may drop a response on a busy machine (its issue #875, node.scu.send).
+    """
+    _import_node()
+    from node.scu.send import paused_while
+
     answers: list[Any] = []
-    for status, ds in assoc.send_c_find(identifier(query), model):
+    for status, ds in paused_while(assoc, lambda: assoc.send_c_find(identifier(query), model)):
         if not status or "Status" not in status:
             raise FindFailed("no response (association aborted or DIMSE timeout)")
         code = int(status.Status)

@@ -6,6 +6,8 @@ PostgreSQL sharing one port and one store; and C-FIND on a large index, SQLite v
 four folders) is sent by four DCMTK ``storescu`` at once, against each setup in turn:
 
 ``sqlite-1``  one node, its index in SQLite (the default);
+``sqlite-2``  two nodes, ``reuse_port: true`` on the same port, the same store and its one
+              SQLite file (WAL: one writer at a time, across processes on one host);
 ``pg-1``      one node, its index in a new PostgreSQL database;
 ``pg-2``      two nodes, ``reuse_port: true`` on the same port, the same PostgreSQL database
               and the same store directory: the kernel spreads the four associations over
@@ -23,7 +25,9 @@ instances, ``dicom-node migrate`` copies it into a new PostgreSQL database, and 
 queries are run against a node on each index in turn, one association, one warm-up and
 ``--find-repeat`` timed runs each.  PostgreSQL is queried twice: as migrated, and after an
 ``ANALYZE`` (the planner's statistics, which autovacuum gathers on its own some time after a
-bulk load).  The table gives the node's own time (median, from its log) for each.
+bulk load).  The table gives the node's own time (median, from its log) for each.  Then two
+clients (processes) run the queries at once on the analyzed index, both through one node and
+one through each of two nodes sharing it: the round trip of each query and the wall time.
 
 Example::
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shutil
 import sqlite3
 import statistics
@@ -68,7 +73,7 @@ from common import (
 from common import machine_info as common_machine_info
 from ingest import ensure_corpus
 
-SETUPS = ("sqlite-1", "pg-1", "pg-2")
+SETUPS = ("sqlite-1", "sqlite-2", "pg-1", "pg-2")
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
@@ -346,13 +351,103 @@ def find_runs(args: argparse.Namespace) -> tuple[str, bool]:
                 if r.error or r.problems:
                     ok = False
                     lines.append(f"! {name} {r.name}: {r.error or '; '.join(r.problems)}")
+        concurrent, concurrent_ok = concurrent_find_runs(args, storage, database, queries)
+        ok = ok and concurrent_ok
     rows = [["query", "matches", *[f"{name} ms" for name, _ in FIND_SETUPS]]]
     for query in queries:
         got = medians.get(query.name, {})
         rows.append([query.name, str(counts.get(query.name, "-")),
                      *[f"{v:.1f}" if (v := got.get(k)) is not None else "-"
                        for k, _ in FIND_SETUPS]])
-    return "\n".join([*lines, render_table(rows)]), ok
+    return "\n".join([*lines, render_table(rows), *concurrent]), ok
+
+
+# (column, nodes): two clients query at once, both through one node or one through each.
+CONCURRENT_SETUPS = (("1 node", 1), ("2 nodes", 2))
+
+
+def _client(port: int, pid: int, queries: Sequence[findbench.Query], repeat: int,
+            log: Path) -> list[findbench.QueryResult]:
+    return findbench.measure(port, pid, queries, repeat, log)[1]
+
+
+def concurrent_find_runs(args: argparse.Namespace, storage: Path, database: str,
+                         queries: Sequence[findbench.Query]) -> tuple[list[str], bool]:
+    """Two clients run the query set at once against the analyzed PostgreSQL index: both on one
+    node, then each on its own node of two sharing the index and the store.
+
+    Each client is its own process (so the clients do not share a GIL); the figures are each
+    query's round trip at the client (median over both clients' timed runs: with two clients
+    on one node) and the wall time of the whole, and the node's own time of each query
+    (median over both clients, from the nodes' logs, told apart by their match counts).
+    """
+    import multiprocessing
+
+    lines = [f"# C-FIND, two clients at once (each its own process, the query set with 1 "
+             f"warm-up + {args.find_repeat} runs per query), PostgreSQL analyzed: through one "
+             "node, then one client through each of two nodes on the same index and store; "
+             "\"own\": the node's own time (its log), the other the round trip at the "
+             "client; medians over both clients, ms"]
+    medians: dict[str, dict[str, float | None]] = {}
+    ok = True
+    for name, count in CONCURRENT_SETUPS:
+        print(f"find: two clients, {name} ...", file=sys.stderr, flush=True)
+        nodes: list[FindNode] = []
+        workdirs: list[Path] = []
+        try:
+            for _ in range(count):
+                workdirs.append(Path(tempfile.mkdtemp(prefix="dicomnode-nodes-find-")))
+                nodes.append(FindNode(storage, workdirs[-1], args.python, 180.0, database))
+                nodes[-1].start()
+            targets = [nodes[0], nodes[-1]]
+            jobs = []
+            for node in targets:
+                assert node.proc is not None
+                jobs.append((node.port, node.proc.pid, queries, args.find_repeat,
+                             node.log_path))
+            started = time.perf_counter()
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                answers = pool.starmap(_client, jobs)
+                pool.close()  # workers end on their own (the pool's exit would SIGTERM them)
+                pool.join()
+            wall = time.perf_counter() - started
+            logged = [t for node in nodes for t in _logged_finds(node.log_path)]
+        finally:
+            for node in nodes:
+                node.stop()
+            for workdir in workdirs:
+                shutil.rmtree(workdir, ignore_errors=True)
+        lines.append(f"# {name}: both clients done in {wall:.1f} s")
+        for results in answers:
+            for r in results:
+                if r.error or r.problems:
+                    ok = False
+                    lines.append(f"! two clients, {name}, {r.name}: "
+                                 f"{r.error or '; '.join(r.problems)}")
+        for query in queries:
+            samples = [v for results in answers for r in results if r.name == query.name
+                       for v in r.samples_ms]
+            own = [ms for matches, ms in logged if matches == len(query.expected)]
+            medians.setdefault(query.name, {})[name] = (statistics.median(samples)
+                                                        if samples else None)
+            medians[query.name][f"{name} own"] = statistics.median(own) if own else None
+    columns = [key for name, _ in CONCURRENT_SETUPS for key in (f"{name} own", name)]
+    rows = [["query", *[f"{key} ms" for key in columns]]]
+    for query in queries:
+        got = medians.get(query.name, {})
+        rows.append([query.name, *[f"{v:.1f}" if (v := got.get(k)) is not None else "-"
+                                   for k in columns]])
+    return [*lines, render_table(rows)], ok
+
+
+_FIND_LINE = re.compile(r"C-FIND \w+ root \w+: (\d+) matches, status 0x0000.*, ([0-9.]+) ms$")
+
+
+def _logged_finds(log: Path) -> list[tuple[int, float]]:
+    """(matches, node's own ms) of each successful C-FIND in a node's log.  The queries'
+    match counts differ, so they tell the queries apart when two clients share one node."""
+    return [(int(m[1]), float(m[2])) for line in log.read_text(errors="replace").splitlines()
+            if (m := _FIND_LINE.search(line))]
 
 
 # --------------------------------------------------------------------------------------------

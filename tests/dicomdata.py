@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
+
+from node.scu.send import pause_reactor
 
 CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -164,15 +165,10 @@ def reactor_paused(assoc: Association) -> Association:
     take the first response off the queue and drop it as "Received unexpected C-... service
     message" (pynetdicom issue #875).  Under load (dozens of associations in one test process)
     that lost a C-FIND match in a few percent of queries, or left a C-STORE waiting for the
-    whole DIMSE timeout.  Here the checkpoint is cleared and the reactor seen blocked on it (a
-    waiter on the event) before pynetdicom's own pause runs.
+    whole DIMSE timeout.  The node's own clients pause it the same way (node.scu.send);
+    pynetdicom resumes it after the final response.
     """
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    deadline = time.monotonic() + 10
-    pause = threading.Event()  # never set: a bounded pause between looks
-    while not checkpoint._cond._waiters and assoc.is_established and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        pause.wait(0.0005)
+    pause_reactor(assoc)
     return assoc
 
 

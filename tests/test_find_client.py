@@ -279,3 +279,4 @@ def test_own_node_by_its_ae_title(node: NodeProcess) -> None:
         pytest.skip("node has no C-FIND SCP yet")
     matches = ok_json(find(node.config_path, "DICOMNODE", "--json", "-k", "PatientID=FIND-SELF"))
     assert [m["StudyInstanceUID"] for m in matches] == [study]
+

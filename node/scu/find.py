@@ -74,10 +74,11 @@ def _matches(peer: Peer, calling_ae: str, query: Query, timeout: float,
     count = 0
     try:
         try:
-            responses = assoc.send_c_find(query.identifier, query.model)
+            responses: Iterator[tuple[Dataset, Dataset | None]] = paused_while(
+                assoc, lambda: assoc.send_c_find(query.identifier, query.model))
         except (ValueError, RuntimeError) as exc:  # identifier not encodable, association gone
             raise QueryFailed(f"cannot send the query to {where(peer)}: {exc}") from exc
-        for status, identifier in paused_while(assoc, responses):
+        for status, identifier in responses:
             code = int(status.Status) if "Status" in status else None
             if code is None:  # pynetdicom's sign of an abort, a DIMSE timeout or a bad message
                 raise QueryFailed(

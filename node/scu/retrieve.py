@@ -107,10 +107,11 @@ def move(
     finished = False
     try:
         try:
-            responses = assoc.send_c_move(identifier, destination, model)
+            responses: Iterator[tuple[Dataset, Dataset | None]] = paused_while(
+                assoc, lambda: assoc.send_c_move(identifier, destination, model))
         except (ValueError, RuntimeError) as exc:  # identifier not encodable, association gone
             raise RetrieveFailed(f"cannot send the C-MOVE to {where(peer)}: {exc}") from exc
-        final = _follow(peer, "C-MOVE", paused_while(assoc, responses), on_progress, timeout)
+        final = _follow(peer, "C-MOVE", responses, on_progress, timeout)
         finished = True
     finally:
         close(assoc, finished)
@@ -165,10 +166,10 @@ def get(
                 "Query/Retrieve information model (presentation context not accepted)"
             )
         try:
-            responses = assoc.send_c_get(identifier, model)
+            responses = paused_while(assoc, lambda: assoc.send_c_get(identifier, model))
         except (ValueError, RuntimeError) as exc:
             raise RetrieveFailed(f"cannot send the C-GET to {where(peer)}: {exc}") from exc
-        final = _follow(peer, "C-GET", paused_while(assoc, responses), on_progress, timeout)
+        final = _follow(peer, "C-GET", responses, on_progress, timeout)
         finished = True
     finally:
         close(assoc, finished)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -291,12 +291,28 @@ def _responsive(event: Event) -> None:
 T = TypeVar("T")
 
 
-def paused_while(assoc: Association, responses: Iterator[T]) -> Iterator[T]:
-    """``responses`` (a pynetdicom ``send_c_*`` generator, which sends its request when first
-    asked), with the requestor's reactor paused from before the request until the last
-    response (``reactor_paused``)."""
-    with reactor_paused(assoc):
+def paused_while(assoc: Association, send: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """Call ``send`` (a pynetdicom ``send_c_find``/``send_c_move``/``send_c_get``, which sends
+    its request at once and returns the generator of its responses) with the requestor's
+    reactor paused, and keep it paused until the last response (``reactor_paused``).
+
+    The pause must hold before the request goes out: a response may arrive at once.  The
+    returned iterator resumes the reactor when it ends or is closed; iterate it at once.
+    """
+    pause_reactor(assoc)
+    try:
+        responses = send()
+    except BaseException:
+        assoc._reactor_checkpoint.set()
+        raise
+    return _resuming(assoc, responses)
+
+
+def _resuming(assoc: Association, responses: Iterator[T]) -> Iterator[T]:
+    try:
         yield from responses
+    finally:
+        assoc._reactor_checkpoint.set()
 
 
 @contextmanager
@@ -310,11 +326,31 @@ def reactor_paused(assoc: Association) -> Iterator[None]:
     earlier can take the first response and drop it as "unexpected" (pynetdicom issue #875):
     a lost C-FIND match, or a C-STORE/C-MOVE waiting out its DIMSE timeout.
     """
-    assoc._reactor_checkpoint.clear()
-    wait = threading.Event()  # never set: a bounded pause between looks
-    while not assoc._is_paused and assoc.is_alive() and assoc.is_established:
-        wait.wait(_PAUSE_POLL)
+    pause_reactor(assoc)
     try:
         yield
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def pause_reactor(assoc: Association) -> None:
+    """Clear the reactor's checkpoint and wait until the reactor is blocked on it.
+
+    pynetdicom's ``_is_paused`` flag cannot tell that the reactor holds: it is True from just
+    before the reactor's ``wait()`` until just after it returns, so a reactor already returning
+    from a checkpoint that was still set shows True and then takes one more message.  Only a
+    waiter on the checkpoint's condition, once it is cleared, is a reactor that will block.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    wait = threading.Event()  # never set: a bounded pause between looks
+    while not _has_waiter(checkpoint) and assoc.is_alive() and assoc.is_established:
+        wait.wait(_PAUSE_POLL)
+
+
+def _has_waiter(event: threading.Event) -> bool:
+    """True when a thread is blocked in ``event.wait()`` (CPython's Event keeps its waiters
+    in its condition)."""
+    condition = event._cond  # type: ignore[attr-defined]
+    with condition:
+        return bool(condition._waiters)
