@@ -26,6 +26,9 @@ from node.scu.messages import ConnectionLost
 log = logging.getLogger(__name__)
 
 # Takes the request (returning True once it is answered) or declines it (False).
+# An attribute of each attached association: True while one of its requests is being served
+# (by the reactor, or on the DUL thread: node.handlers.store_direct).
+SERVING = "_node_serving"
 DirectService = Callable[[Association, Any, PresentationContext], bool]
 
 
@@ -44,13 +47,16 @@ class DirectRouter:
         library = assoc._serve_request
 
         def serve_request(msg: Any, context_id: int) -> None:
+            setattr(assoc, SERVING, True)
             try:
                 if not self._serve(assoc, msg, context_id):
                     library(msg, context_id)
             finally:
+                setattr(assoc, SERVING, False)
                 if self.after_request is not None:
                     self.after_request()
 
+        setattr(assoc, SERVING, False)
         assoc._serve_request = serve_request  # type: ignore[method-assign]
 
     def _serve(self, assoc: Association, msg: Any, context_id: int) -> bool:

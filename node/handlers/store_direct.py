@@ -15,6 +15,10 @@ pynetdicom would have made; anything else, and any message pynetdicom has begun,
 pynetdicom's.  Both rely on pynetdicom 3.0 internals (``DIMSEServiceProvider.receive_primitive``,
 ``message``, ``msg_queue``), which is why pynetdicom is pinned to 3.0.x.
 
+A C-STORE-RQ the reader completes is answered on the DUL thread that read it when nothing else
+is being served on the association (``_StoreRequestReader._serve_here``): no hand-over to the
+association's reactor thread and back, about a quarter less CPU per small instance.
+
 The reader is put in front of every association when it opens (``StoreService.connected``),
 because it also bounds what a peer can make the node hold: a message whose data set grows
 past ``max_instance_size`` is not buffered further.  Its remaining fragments are read and
@@ -43,6 +47,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from node.dimse.status import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from node.handlers.association import AssociationLog
+from node.handlers.direct import SERVING
 from node.handlers.store import StoreAnswer, answer_store
 from node.ingest import Ingestor
 from node.metrics import NO_METRICS, Recorder
@@ -304,7 +309,31 @@ class _StoreRequestReader:
             request.DataSet = BytesIO(b"".join(self.fragments))
         request._context_id = self.context_id
         self.request, self.fragments, self.size, self.dropping = None, [], 0, False
-        self.dimse.msg_queue.put((self.context_id, request))
+        if not self._serve_here(request):
+            self.dimse.msg_queue.put((self.context_id, request))
+
+    def _serve_here(self, request: C_STORE) -> bool:
+        """Answer ``request`` on this thread, the DUL's, when the association is otherwise idle.
+
+        Handing each request to the association's reactor thread and its response back to
+        the DUL thread costs two thread wake-ups and GIL hand-overs per instance: about a
+        quarter of the node's CPU per small instance.  Without asynchronous operations
+        (PS3.7 10.3.3, not negotiated) the peer waits for this response before it sends
+        anything else, so the DUL has nothing to read meanwhile.  Left to the reactor when it
+        is serving a request or has one queued (a peer that does not wait), or when the
+        association has no DirectRouter.  An abort while serving here must not block: a
+        blocking one waits for this very thread to close the connection.
+        """
+        assoc = self.dimse.assoc
+        if getattr(assoc, SERVING, True) or not self.dimse.msg_queue.empty():
+            return False
+        blocking = assoc.abort
+        assoc.abort = assoc._abort_nonblocking  # type: ignore[method-assign]
+        try:
+            assoc._serve_request(request, self.context_id)
+        finally:
+            assoc.abort = blocking  # type: ignore[method-assign]
+        return True
 
     def _invalid(self) -> None:
         """A fragment out of place: what pynetdicom does with a message it cannot decode."""

@@ -193,8 +193,9 @@ def _encoded(context_id: int, pdus: list[_PDU]) -> bytes:
 def _queue(assoc: Association, context_id: int, pdus: list[_PDU]) -> None:
     """Hand ``pdus`` to the DUL thread, which encodes and sends them."""
     dul = assoc.dul
+    on_dul = threading.current_thread() is dul  # (a C-STORE answered on the DUL's thread)
     for pdu in pdus:
-        if dul.to_provider_queue.qsize() >= _MAX_QUEUED_PDUS:
+        if not on_dul and dul.to_provider_queue.qsize() >= _MAX_QUEUED_PDUS:
             wait = threading.Event()  # never set: a bounded pause while the DUL sends
             while dul.to_provider_queue.qsize() >= _MAX_QUEUED_PDUS and assoc.is_established:
                 wait.wait(_DRAIN_POLL)
