@@ -88,6 +88,16 @@ def _peer(assoc: Association) -> str:
     return f"{info.address}:{info.port}" if info is not None else "unknown peer"
 
 
+# What a PDU header that is no PDU most often is: another protocol on the DICOM port.  A TLS
+# record starts 0x16 0x03 (handshake, version 3.x: a DICOM TLS client on the plain port).
+_PROTOCOL_SIGN = 2
+_OTHER_PROTOCOLS = {
+    b"\x16\x03": " (a TLS handshake: a DICOM TLS client on the plain port? see tls.port)",
+    **{method[:_PROTOCOL_SIGN]: " (HTTP on the DICOM port?)"
+       for method in (b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE")},
+}
+
+
 def read_pdu(dul: DULServiceProvider) -> None:
     """Read the next PDU off ``dul``'s socket, as ``DULServiceProvider._read_pdu_data`` does,
     refusing it unread when its declared length is beyond what its type allows."""
@@ -111,7 +121,8 @@ def read_pdu(dul: DULServiceProvider) -> None:
         return
     pdu_type, _, length = _HEADER.unpack(header)
     if pdu_type not in _KNOWN_TYPES:
-        log.error("Unknown PDU type received '0x%02X'", pdu_type)  # (pynetdicom's message)
+        log.error("Unknown PDU type received '0x%02X' from %s%s", pdu_type, _peer(dul.assoc),
+                  _OTHER_PROTOCOLS.get(bytes(header[:_PROTOCOL_SIGN]), ""))
         _invalid(dul)
         return
     state = dul.state_machine.current_state

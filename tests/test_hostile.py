@@ -43,16 +43,21 @@ def test_a_silent_connection_is_closed_and_blocks_nobody(node: NodeProcess) -> N
     still_serving(node)
 
 
-@pytest.mark.parametrize("garbage", [
-    b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n",
+@pytest.mark.parametrize(("garbage", "named"), [
+    (b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n", "(HTTP on the DICOM port?)"),
     # The start of a TLS ClientHello (record type 0x16, TLS 1.0 record version).
-    bytes.fromhex("16030100c8010000c40303") + bytes(200),
+    (bytes.fromhex("16030100c8010000c40303") + bytes(200),
+     "(a TLS handshake: a DICOM TLS client on the plain port? see tls.port)"),
 ], ids=["http", "tls-client-hello"])
-def test_another_protocol_on_the_dicom_port(node: NodeProcess, garbage: bytes) -> None:
+def test_another_protocol_on_the_dicom_port(node: NodeProcess, garbage: bytes,
+                                            named: str) -> None:
     with pdus.RawAssociation(node.port) as conn:
         conn.send(garbage)
         assert conn.closed_within(10)
     still_serving(node)
+    # The log says what it probably was, and from where.
+    log = node.wait_for_log(named)
+    assert f"Unknown PDU type received '0x{garbage[0]:02X}' from 127.0.0.1:" in log
 
 
 def test_a_connection_closed_in_the_middle_of_a_pdu(node: NodeProcess) -> None:
