@@ -75,16 +75,7 @@ def sweep(store: Store, max_orphans: int, referenced: Callable[[str], bool]) -> 
 
 def _sweep(store: Store, max_orphans: int) -> SweepReport:
     started = time.monotonic()
-    orphaned: list[str] = []
-    seen = 0
-    for prefix in store.prefixes():  # first look, delete nothing
-        indexed = digests_with_prefix(prefix)
-        for digest in store.digests_under(prefix):
-            seen += 1
-            if digest not in indexed:
-                orphaned.append(digest)
-                if len(orphaned) > max_orphans:
-                    raise _lost_index(store, f"more than {max_orphans}")
+    orphaned, seen = _unindexed(store, max_orphans, lambda digest: True)
     if seen > 1 and len(orphaned) == seen:  # an empty index beside a store that is not
         raise _lost_index(store, f"all {seen}")
     temporary = store.clear_temporary()
@@ -105,6 +96,27 @@ def _sweep(store: Store, max_orphans: int) -> SweepReport:
     return report
 
 
+def _unindexed(store: Store, max_orphans: int,
+               eligible: Callable[[str], bool]) -> tuple[list[str], int]:
+    """The digests of files no row names that are ``eligible``, and how many files there are.
+
+    A first look that moves nothing: beyond ``max_orphans`` such files the index is not the
+    store's, and TooManyOrphans is raised.  One fan-out folder at a time against the digests
+    indexed under the same prefix, so memory stays bounded.
+    """
+    orphaned: list[str] = []
+    seen = 0
+    for prefix in store.prefixes():
+        indexed = digests_with_prefix(prefix)
+        for digest in store.digests_under(prefix):
+            seen += 1
+            if digest not in indexed and eligible(digest):
+                orphaned.append(digest)
+                if len(orphaned) > max_orphans:
+                    raise _lost_index(store, f"more than {max_orphans}")
+    return orphaned, seen
+
+
 def _lost_index(store: Store, how_many: str) -> TooManyOrphans:
     return TooManyOrphans(
         f"{how_many} stored files have no index row: the index is not the one the store "
@@ -122,16 +134,8 @@ def sweep_shared(store: Store, referenced: Callable[[str], bool], max_orphans: i
     """
     started = time.monotonic()
     cutoff = time.time() - grace
-    candidates: list[str] = []
-    seen = 0
-    for prefix in store.prefixes():  # first look, move nothing
-        indexed = digests_with_prefix(prefix)
-        for digest in store.digests_under(prefix):
-            seen += 1
-            if digest not in indexed and store.written_before(digest, cutoff):
-                candidates.append(digest)
-                if len(candidates) > max_orphans:
-                    raise _lost_index(store, f"more than {max_orphans}")
+    candidates, seen = _unindexed(store, max_orphans,
+                                  lambda digest: store.written_before(digest, cutoff))
     temporary = store.clear_stale_temporary(cutoff)
     orphans = sum(store.remove_unreferenced(digest, referenced, to_quarantine=True)
                   for digest in candidates)
