@@ -16,7 +16,11 @@ Targets (``--targets``, comma separated, in the order given):
     an earlier commit), to compare two versions of the node in one machine state.
 
 Each target goes through three runs, each against a freshly started server with an empty
-storage directory (so a run never meets the instances of the one before):
+storage directory of its own (so a run never meets the instances of the one before); the runs'
+storage is deleted only when the benchmark ends, because on ext4 without a journal (this
+machine's disk) files created within ~30 s of many deletions cost the kernel a scan past every
+recently deleted inode.  For the same reason, start a benchmark half a minute after the last
+one ended:
 
 ``1-assoc``  the small corpus sent by one ``storescu`` association;
 ``4-assoc``  the small corpus, pre-split in four folders, sent by four ``storescu`` at once;
@@ -322,8 +326,11 @@ def measure(
         result.error = str(exc)
     finally:
         server.stop()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        # The run's storage stays until the whole benchmark ends (main deletes the work root):
+        # on ext4 without a journal, a file created within ~30 s of many deletions costs a
+        # scan past every recently deleted inode (the kernel's find_inode_bit and
+        # recently_deleted), which took about a third of the node's CPU per instance when the
+        # previous run's 10,500 files had just been deleted.
     return result
 
 

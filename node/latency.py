@@ -33,7 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
 
 from node.pdu_guard import read_pdu
 
@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 BUSY_DELAY = 0.0001
 IDLE_DELAY = 0.001  # pynetdicom's own default
 BUSY_WINDOW = 0.05  # seconds after the last received data during which the peer counts as busy
-REACTOR_TICK = 0.001  # the acceptor reactor's longest wait between checks (pynetdicom's tick)
+# The acceptor reactor's longest wait between checks when nothing wakes it (pynetdicom's tick
+# is 1 ms): a DIMSE message, a release or abort request, and the connection's end wake it
+# (ResponsiveAssociation); the tick only bounds how late it sees the network timeout, a dead
+# DUL thread or a local kill.  Each tick is a wake-up that takes the GIL: at 1 ms, four busy
+# associations spent a fifth of the node's CPU on them.
+REACTOR_TICK = 0.05
 DRAIN_POLL = 0.0001  # send_now: seconds between looks at whether the DUL's queue is written
 
 
@@ -212,14 +217,33 @@ def make_responsive(dul: DULServiceProvider) -> None:
         dul.__class__ = ResponsiveDUL
 
 
-class ResponsiveAssociation(Association):
-    """An acceptor whose reactor wakes when a DIMSE message arrives, not on the next 1 ms tick.
+# What the DUL hands an acceptor's reactor during data transfer (PS3.8 9.2: A-RELEASE
+# indication, A-ABORT and A-P-ABORT indications); the reactor takes each off the queue.
+_NEWS = (A_RELEASE, A_ABORT, A_P_ABORT)
 
-    pynetdicom's acceptor reactor sleeps 1 ms before every look at its message queue, so each
-    request waits for the tick even when it is already there: on one association that is most
-    of a millisecond per C-STORE.  This is ``Association._run_reactor`` of pynetdicom 3.0 with
-    that sleep replaced by a wait on the queue (still bounded by the same 1 ms, so release,
-    abort and timeout checks run as often as before); every other step is unchanged.
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's queue of primitives for the association (``to_user_queue``), which also wakes
+    the association's reactor: a release or abort request, or the end of the connection (an
+    A-P-ABORT), arrives there, not in the DIMSE message queue the reactor waits on."""
+
+    reactor_wake: threading.Condition  # the DIMSE message queue's not_empty
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        with self.reactor_wake:
+            self.reactor_wake.notify()
+
+
+class ResponsiveAssociation(Association):
+    """An acceptor whose reactor wakes when there is work for it, not on a 1 ms tick.
+
+    pynetdicom's acceptor reactor sleeps 1 ms before every look at its queues, so each request
+    waits for the tick even when it is already there (on one association, most of a millisecond
+    per C-STORE), and every association wakes a thousand times a second, busy or idle.  This is
+    ``Association._run_reactor`` of pynetdicom 3.0 with that sleep replaced by a wait on the
+    DIMSE message queue's condition, which a DIMSE message and anything the DUL hands the
+    association (_WakingQueue) signal, bounded by REACTOR_TICK; every other step is unchanged.
     """
 
     def _run_reactor(self) -> None:
@@ -227,7 +251,9 @@ class ResponsiveAssociation(Association):
         messages = self.dimse.msg_queue
         while not self._kill:
             with messages.not_empty:  # wake as soon as the DUL queues a whole message
-                if not messages.queue:  # (the condition holds the queue lock already)
+                # (The condition holds the message queue's lock already.)  A release or abort
+                # queued while this thread was busy is handled now, not after a tick.
+                if not messages.queue and not isinstance(self.dul.peek_next_pdu(), _NEWS):
                     messages.not_empty.wait(REACTOR_TICK)
 
             # The rest is pynetdicom's loop as it stands (see its comments there).
@@ -276,4 +302,8 @@ def make_association_responsive(assoc: Association) -> None:
     """Switch an acceptor (before its reactor starts) to the message-driven reactor."""
     if type(assoc) is Association:
         assoc.__class__ = ResponsiveAssociation
+        to_user = assoc.dul.to_user_queue
+        if type(to_user) is queue.Queue:  # (empty still: the A-ASSOCIATE-RQ is read later)
+            to_user.__class__ = _WakingQueue
+            cast(_WakingQueue, to_user).reactor_wake = assoc.dimse.msg_queue.not_empty
     make_responsive(assoc.dul)
