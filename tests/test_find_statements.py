@@ -117,7 +117,8 @@ def run_counting(services: Services, root: Root, identifier: Dataset) -> tuple[l
     connection = services.db.connection()  # type: ignore[no-untyped-call]
     connection.set_trace_callback(statements.append)
     try:
-        answers = list(services.finder.find(parse_request(identifier, root)))
+        request = parse_request(identifier, root)
+        answers = [Dataset(answer) for answer in services.finder.find(request)]
     finally:
         connection.set_trace_callback(None)
     counted = [s for s in statements if not s.lstrip().upper().startswith(IGNORED)]

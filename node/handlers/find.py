@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections.abc import Mapping
 from io import BytesIO
 from typing import Any, cast
 
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pynetdicom.association import Association
@@ -30,12 +32,19 @@ from node.dimse.status import (
 )
 from node.errors import NodeError, OutOfResources
 from node.metrics import NO_METRICS, Recorder
-from node.query.engine import RESPONSE_CHARACTER_SET, Finder, TooManyMatches
+from node.query.engine import RESPONSE_CHARACTER_SET, Finder, Identifier, TooManyMatches
 from node.query.keys import Root
 from node.query.request import InvalidQuery, parse_request
-from node.scu.messages import find_response, send_message
+from node.scu.messages import find_response, transmit_many
 
 log = logging.getLogger(__name__)
+
+# Pending responses written to the socket together (each still a message in PDUs of its own):
+# one write per response made the system calls most of a long answer's cost.  The first match
+# goes out at once; the others wait for company at most BATCH_DELAY, checked as matches come.
+BATCH_RESPONSES = 16
+BATCH_BYTES = 64 * 1024
+BATCH_DELAY = 0.002  # seconds
 
 _ROOTS = {
     "1.2.840.10008.5.1.4.1.2.1.1": Root.PATIENT,  # Patient Root Q/R Information Model - FIND
@@ -80,10 +89,16 @@ class _Query:
         self.context_id = cast(int, context.context_id)
         self.syntax = context.transfer_syntax[0]
         self.encoded = cast(BytesIO, request.Identifier)
+        # pydicom's UID properties cost microseconds each: asked once, not once per match.
+        self.implicit = bool(self.syntax.is_implicit_VR)
+        self.raw = bool(self.syntax.is_little_endian) and not self.syntax.is_deflated
+        self.batch: list[tuple[bytes, bytes | None]] = []  # pending responses not written yet
+        self.batch_bytes = 0
+        self.batch_since = 0.0  # time.perf_counter() when its first response was added
+        self.written = 0  # pending responses written
 
     def answer(self, finder: Finder, metrics: Recorder) -> None:
         started = time.perf_counter()
-        matches = 0
         status, comment, level = SUCCESS, "", "?"
         try:
             identifier = self._identifier()
@@ -96,11 +111,11 @@ class _Query:
                 # PS3.4 C.4.1.3.1: C-CANCEL ends the query (pynetdicom files it by Message ID).
                 if self.assoc.dimse.cancel_req.pop(self.message_id, None) is not None:
                     status = CANCELLED
+                    self.batch.clear()  # not sent yet: the requester asked for no more
                     break
                 if not self.assoc.is_established:
                     return  # the requester aborted: nobody to answer
-                self._send(pending, encode_identifier(match, self.syntax))
-                matches += 1
+                self._pending(pending, self._encode(match))
         except UndecodableIdentifier as exc:
             status, comment = UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}"
         except InvalidQuery as exc:
@@ -110,7 +125,8 @@ class _Query:
         except NodeError as exc:
             status, comment = UNABLE_TO_PROCESS, str(exc)
         if self.assoc.is_established:
-            self._send(status, comment=comment)
+            self._final(status, comment)
+        matches = self.written
         elapsed = time.perf_counter() - started
         metrics.operation("C-FIND", status, elapsed)
         log.log(logging.INFO if status in (SUCCESS, CANCELLED) else logging.WARNING,
@@ -125,25 +141,49 @@ class _Query:
         except (ValueError, TypeError, EOFError, KeyError, struct.error) as exc:
             raise UndecodableIdentifier(str(exc)) from exc
 
-    def _send(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
+    def _encode(self, match: Identifier) -> bytes:
+        if self.raw:
+            raw = _raw_little_endian(match, self.implicit)
+            if raw is not None:
+                return raw
+        return _through_pydicom(Dataset(match), self.syntax)
+
+    def _pending(self, status: int, identifier: bytes) -> None:
+        """A pending response with its match, written now or with the next ones."""
+        now = time.perf_counter()
+        if not self.batch:
+            self.batch_since = now
+        self.batch.append((find_response(self.message_id, self.sop_class, status, "", True),
+                           identifier))
+        self.batch_bytes += len(identifier)
+        if (self.written == 0 or len(self.batch) >= BATCH_RESPONSES
+                or self.batch_bytes >= BATCH_BYTES or now - self.batch_since >= BATCH_DELAY):
+            self._flush()
+
+    def _final(self, status: int, comment: str) -> None:
+        """The final response, written after every pending one still waiting."""
+        self.batch.append((find_response(self.message_id, self.sop_class, status, comment,
+                                         False), None))
+        self._flush(final=True)
+
+    def _flush(self, final: bool = False) -> None:
         # One response per PDU: PDVs of several messages in one P-DATA-TF PDU are legal, but
         # pynetdicom 3.0 (and so many SCUs built on it) drops all after the first message.
-        # Queued for the DUL thread, which writes every PDU of the association in order.
-        command = find_response(self.message_id, self.sop_class, status, comment,
-                                identifier is not None)
-        send_message(self.assoc, self.context_id, command, identifier)
+        # Written from this thread when the DUL allows it (after whatever it still has
+        # queued), else queued for it: handing every response to the DUL thread, which
+        # re-encodes it through pynetdicom, made that thread the bottleneck of a long answer.
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        transmit_many(self.assoc, self.context_id, batch)
+        self.written += len(batch) - (1 if final else 0)
 
 
 class UndecodableIdentifier(NodeError):
     """The request's identifier is not a dataset in the context's transfer syntax."""
 
 
-def encode_identifier(ds: Dataset, syntax: UID) -> bytes:
-    """``ds`` in ``syntax``: the engine's raw elements as they are, others through pydicom."""
-    if syntax.is_little_endian and not syntax.is_deflated:
-        raw = _raw_little_endian(ds, bool(syntax.is_implicit_VR))
-        if raw is not None:
-            return raw
+def _through_pydicom(ds: Dataset, syntax: UID) -> bytes:
+    """``ds`` in ``syntax`` through pydicom: values read from a stored file, and the transfer
+    syntaxes ``_raw_little_endian`` does not write (big endian, deflated)."""
     ds.set_original_encoding(bool(syntax.is_implicit_VR), bool(syntax.is_little_endian), _UTF8)
     encoded = encode(ds, bool(syntax.is_implicit_VR), bool(syntax.is_little_endian),
                      bool(syntax.is_deflated))
@@ -152,21 +192,30 @@ def encode_identifier(ds: Dataset, syntax: UID) -> bytes:
     return encoded
 
 
-def _raw_little_endian(ds: Dataset, implicit: bool) -> bytes | None:
+_IMPLICIT = struct.Struct("<HHI")
+_EXPLICIT_32 = struct.Struct("<HH2s2xI")
+_EXPLICIT_16 = struct.Struct("<HH2sH")
+
+
+def _tag_order(item: tuple[int, Any]) -> int:
+    return int(item[0])  # (pydicom's BaseTag compares in Python; an int in C)
+
+
+def _raw_little_endian(elements: Mapping[BaseTag, Any], implicit: bool) -> bytes | None:
     """PS3.5 7.1: each element as tag, (VR,) length and value; None when an element is not a
     pre-encoded text value (values read from a stored file go through pydicom)."""
     parts: list[bytes] = []
-    for tag in sorted(ds.keys()):
-        element = ds.get_item(tag)
+    for tag, element in sorted(elements.items(), key=_tag_order):
         if not isinstance(element, RawDataElement) or element.VR is None:
             return None
         value, vr = cast(bytes, element.value), element.VR
+        group, number = tag >> 16, tag & 0xFFFF
         if implicit:
-            parts.append(struct.pack("<HHI", tag.group, tag.element, len(value)))
+            parts.append(_IMPLICIT.pack(group, number, len(value)))
         elif vr in EXPLICIT_VR_LENGTH_32:
-            parts.append(struct.pack("<HH2s2xI", tag.group, tag.element, vr.encode(), len(value)))
+            parts.append(_EXPLICIT_32.pack(group, number, vr.encode(), len(value)))
         else:
-            parts.append(struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), len(value)))
+            parts.append(_EXPLICIT_16.pack(group, number, vr.encode(), len(value)))
         parts.append(value)
     return b"".join(parts)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from peewee import SQL, ColumnBase, Database, NodeList, Select, SqliteDatabase, fn
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
@@ -27,6 +27,12 @@ from node.query.request import FindRequest, Returned
 from node.store import Store
 
 log = logging.getLogger(__name__)
+
+# A response identifier: its elements by tag, as a pydicom Dataset holds them (``Dataset(it)``
+# wraps it without copying).  Index values are RawDataElements already encoded; values read
+# from a stored file are pydicom's DataElements.  No Dataset per match: building one costs
+# more than the rest of the match.
+Identifier = dict[BaseTag, RawDataElement | DataElement]
 
 RESPONSE_CHARACTER_SET = "ISO_IR 192"  # responses are UTF-8 (PS3.5 6.1.2.3)
 _MODELS = {Level.PATIENT: Patient, Level.STUDY: Study, Level.SERIES: Series,
@@ -49,7 +55,7 @@ class Finder:
         self.fold_names = fold_names
         self.max_matches = max_matches
 
-    def find(self, request: FindRequest) -> Iterator[Dataset]:
+    def find(self, request: FindRequest) -> Iterator[Identifier]:
         """Yield one response identifier per matching entity, as the rows are read."""
         query, columns = self.select(request)
         from_file = [r for r in request.returned if _answered_from_file(r, request.level)]
@@ -145,17 +151,16 @@ class Finder:
         return NodeList((SQL("string_agg(DISTINCT"), column, SQL(", ',')")), glue=" ")
 
     def _identifier(self, request: FindRequest, values: dict[str, Any],
-                    from_file: list[Returned]) -> Dataset:
-        ds = Dataset()
-        ds[_CHARSET.tag] = _CHARSET
-        ds[_LEVELS[request.level].tag] = _LEVELS[request.level]
+                    from_file: list[Returned]) -> Identifier:
+        level = _LEVELS[request.level]
+        identifier: Identifier = {_CHARSET.tag: _CHARSET, level.tag: level}
         stored = self._read_file(values.get(_FILE_DIGEST), from_file) if from_file else None
         for returned in request.returned:
             if stored is not None and returned.tag in stored:
-                ds[returned.tag] = stored[returned.tag]
+                identifier[returned.tag] = stored[returned.tag]
                 continue
-            ds[returned.tag] = _encoded(returned, self._value(returned, values))
-        return ds
+            identifier[returned.tag] = _encoded(returned, self._value(returned, values))
+        return identifier
 
     def _value(self, returned: Returned, values: dict[str, Any]) -> Any:
         keyword = returned.keyword

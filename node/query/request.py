@@ -13,6 +13,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from node.errors import NodeError
 from node.query.keys import COMPUTED, KEYS, NODE_KEYS, UNIQUE_KEYS, Level, Root
@@ -29,7 +30,7 @@ class InvalidQuery(NodeError):
 class Returned:
     """A key the response must carry: its tag, keyword ('' for unknown tags) and VR."""
 
-    tag: int
+    tag: BaseTag  # (pydicom's own type: a response identifier is keyed by it)
     keyword: str
     vr: str
 
@@ -86,7 +87,7 @@ def parse_request(identifier: Dataset, root: Root,
         if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
             continue
         keyword = element.keyword or ""
-        returned.append(Returned(tag, keyword, element.VR))
+        returned.append(Returned(element.tag, keyword, element.VR))
         if element.VR == "SQ":
             if element.value:  # sequence matching is not supported; the key is returned
                 unmatched.append(tag)
@@ -117,7 +118,7 @@ def parse_request(identifier: Dataset, root: Root,
 def _returned_for(keyword: str) -> Returned:
     tag = tag_for_keyword(keyword)
     assert tag is not None
-    return Returned(tag, keyword, dictionary_VR(tag))
+    return Returned(BaseTag(tag), keyword, dictionary_VR(tag))
 
 
 def _check_hierarchy(root: Root, level: Level, conditions: dict[str, str]) -> None:

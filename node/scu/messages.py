@@ -233,6 +233,21 @@ def transmit(assoc: Association, context_id: int, command: bytes,
     _transmit(assoc, context_id, _pdus(command, dataset, _fragment_room(assoc)))
 
 
+def transmit_many(assoc: Association, context_id: int,
+                  messages: list[tuple[bytes, bytes | None]]) -> None:
+    """Several DIMSE messages (command set, data set or None), each in PDUs of its own, written
+    in one go from the calling thread when the DUL allows it, else queued for it, in order.
+
+    Raises ConnectionLost when the connection fails during the write.
+    """
+    room = _fragment_room(assoc)
+    pdus = [_pdus(command, dataset, room) for command, dataset in messages]
+    if _write(assoc, b"".join(_encoded(context_id, message) for message in pdus)):
+        return
+    for message in pdus:
+        _queue(assoc, context_id, message)
+
+
 def _transmit(assoc: Association, context_id: int, pdus: list[_PDU]) -> bool:
     """Write ``pdus`` from this thread, else queue them for the DUL; True when written."""
     if _write(assoc, _encoded(context_id, pdus)):
