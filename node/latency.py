@@ -138,6 +138,8 @@ class ResponsiveDUL(DULServiceProvider):
         OSError when the write fails (the DUL finds the broken connection on its next read).
         """
         if self._unsent > 0:
+            if threading.current_thread() is self:
+                return False  # (the DUL itself, answering a C-STORE: it writes them in turn)
             wait = threading.Event()  # never set: a bounded pause while the DUL writes
             while self._unsent > 0 and self._plain_socket() is not None:
                 wait.wait(DRAIN_POLL)

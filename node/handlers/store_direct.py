@@ -51,7 +51,7 @@ from node.handlers.direct import SERVING
 from node.handlers.store import StoreAnswer, answer_store
 from node.ingest import Ingestor
 from node.metrics import NO_METRICS, Recorder
-from node.scu.messages import send_message, store_response
+from node.scu.messages import store_response, transmit
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ class StoreService:
             command = store_response(int(msg.MessageID or 0), _ascii(msg.AffectedSOPClassUID),
                                      _ascii(msg.AffectedSOPInstanceUID), answer.status,
                                      answer.comment or "")
-            send_message(assoc, cast(int, context.context_id), command)
+            # Written at once when the DUL allows it (on the DUL thread that read the request,
+            # that spares pynetdicom's encoding of the PDU and a turn of the DUL's loop).
+            transmit(assoc, cast(int, context.context_id), command)
 
 
 class _StoreRequestReader:
