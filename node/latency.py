@@ -237,6 +237,19 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
             self.reactor_wake.notify()
 
 
+class _WakingEvent(threading.Event):
+    """The reactor's checkpoint (``_reactor_checkpoint``), whose clearing wakes the reactor: a
+    thread that wants the association to itself (pynetdicom's release and send_c_* methods,
+    node.scu.send ``pause_reactor``) clears it and waits until the reactor stops there."""
+
+    reactor_wake: threading.Condition
+
+    def clear(self) -> None:
+        super().clear()
+        with self.reactor_wake:
+            self.reactor_wake.notify()
+
+
 class ResponsiveAssociation(Association):
     """An acceptor whose reactor wakes when there is work for it, not on a 1 ms tick.
 
@@ -255,7 +268,9 @@ class ResponsiveAssociation(Association):
             with messages.not_empty:  # wake as soon as the DUL queues a whole message
                 # (The condition holds the message queue's lock already.)  A release or abort
                 # queued while this thread was busy is handled now, not after a tick.
-                if not messages.queue and not isinstance(self.dul.peek_next_pdu(), _NEWS):
+                # So is a pause or a kill asked for meanwhile (_WakingEvent, kill).
+                if not (messages.queue or isinstance(self.dul.peek_next_pdu(), _NEWS)
+                        or self._kill or not self._reactor_checkpoint.is_set()):
                     messages.not_empty.wait(REACTOR_TICK)
 
             # The rest is pynetdicom's loop as it stands (see its comments there).
@@ -300,12 +315,24 @@ class ResponsiveAssociation(Association):
                 return
 
 
+    def kill(self) -> None:
+        self._kill = True  # (first: the woken reactor must see it)
+        with self.dimse.msg_queue.not_empty:
+            self.dimse.msg_queue.not_empty.notify()
+        super().kill()
+
+
 def make_association_responsive(assoc: Association) -> None:
     """Switch an acceptor (before its reactor starts) to the message-driven reactor."""
     if type(assoc) is Association:
-        assoc.__class__ = ResponsiveAssociation
+        wake = assoc.dimse.msg_queue.not_empty
         to_user = assoc.dul.to_user_queue
         if type(to_user) is queue.Queue:  # (empty still: the A-ASSOCIATE-RQ is read later)
             to_user.__class__ = _WakingQueue
-            cast(_WakingQueue, to_user).reactor_wake = assoc.dimse.msg_queue.not_empty
+            cast(_WakingQueue, to_user).reactor_wake = wake
+        checkpoint = assoc._reactor_checkpoint
+        if type(checkpoint) is threading.Event:
+            checkpoint.__class__ = _WakingEvent
+            cast(_WakingEvent, checkpoint).reactor_wake = wake
+        assoc.__class__ = ResponsiveAssociation  # (last: its loop relies on the two above)
     make_responsive(assoc.dul)
