@@ -58,6 +58,7 @@ class Services:
 
     def close(self) -> None:
         self.store.close()
+        self.index.close()
         if not self.db.is_closed():
             self.db.close()
         if hasattr(self.db, "close_all"):  # a pooled database keeps idle connections
@@ -80,7 +81,7 @@ def open_services(config: NodeConfig) -> Services:
     except PeeweeException as exc:
         store.close()
         raise StartupError(f"cannot open index {config.database.describe()}: {exc}") from exc
-    index = IndexWriter(db, retries=config.database_retries)
+    index = IndexWriter(db, retries=config.database_retries, shared=True)
     live = LiveConfig(config)
     deleter = Deleter(db, store)
 

@@ -281,3 +281,38 @@ def test_group_commit_holds_every_waiting_write_and_fails_only_the_bad_one(
     assert patients == {"FIRST", "GOOD-0", "GOOD-1", "GOOD-2"}  # nothing of BAD's
     assert {str(ds.SOPInstanceUID) for ds in good} <= instances
     assert str(bad.SOPInstanceUID) not in instances
+
+
+def test_writers_of_several_processes_take_turns_on_the_lock_beside_the_file(
+    tmp_path: Path
+) -> None:
+    """Nodes sharing one SQLite file (``shared``): a writer waits on the flock of
+    ``index.sqlite.writer`` while another process's writer holds it, and writes once it is
+    let go.  Two writers, each with its own open lock file, stand for the two processes here
+    (an flock belongs to the open file, not to the process); each thread has its own SQLite
+    connection, as each process would."""
+    db = connect(DatabaseURL("sqlite", path=tmp_path / "index.sqlite"))
+    db.connect()
+    ensure_schema(db)
+    first, second = (IndexWriter(db, retries=1, shared=True) for _ in range(2))
+    assert (tmp_path / "index.sqlite.writer").is_file()
+    ds = make_instance(PatientID="WAITED")
+    done = threading.Event()
+
+    def write() -> None:
+        second.add(header_of(ds), "1" * 64, 1, ExplicitVRLittleEndian, Source("SCU", "x"))
+        done.set()
+
+    thread = threading.Thread(target=write)
+    try:
+        with first._other_processes_out():  # the other process is committing
+            thread.start()
+            assert not done.wait(0.5)  # (a writer that ignored the lock would be done)
+        assert done.wait(10)
+    finally:
+        thread.join(10)
+        for writer in (first, second):
+            writer.close()
+        db.close()
+    with sqlite3.connect(tmp_path / "index.sqlite") as check:
+        assert [p for (p,) in check.execute("SELECT patient_id FROM patient")] == ["WAITED"]

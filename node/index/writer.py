@@ -14,11 +14,14 @@ its own durable row; a write that fails rolls back its own savepoint and fails a
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
@@ -108,7 +111,7 @@ def _now() -> datetime:
 class IndexWriter:
     """Writes and looks up instances; safe to share between association threads."""
 
-    def __init__(self, db: Database, retries: int = 3) -> None:
+    def __init__(self, db: Database, retries: int = 3, shared: bool = False) -> None:
         self.db = db
         self.retries = retries
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
@@ -117,6 +120,13 @@ class IndexWriter:
         # module docstring).  PostgreSQL writers run concurrently, each in its transaction.
         self._grouped = isinstance(db, SqliteDatabase)
         self._write_lock = threading.Lock()
+        # ``shared``: other processes may write the same SQLite file (several nodes on one
+        # host).  The group's writer then also holds an flock on a file beside the database,
+        # which another process waits for in the kernel and gets the moment it is released;
+        # SQLite's own lock would make it sleep instead (1, 2, 5… ms).
+        self._process_lock: int | None = None
+        if shared and self._grouped and str(db.database) not in ("", ":memory:"):
+            self._process_lock = os.open(f"{db.database}.writer", os.O_RDWR | os.O_CREAT, 0o640)
         self._queue: deque[_Pending[Any]] = deque()
         self._sql = _HotPath(db.param)
 
@@ -138,14 +148,33 @@ class IndexWriter:
         self._queue.append(pending)
         with self._write_lock:
             while not pending.taken:  # no earlier holder took it along: commit the queue now
-                group = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), MAX_GROUP))]
-                for member in group:
-                    member.taken = True
-                self._commit_group(group)
+                with self._other_processes_out():
+                    group = [self._queue.popleft()
+                             for _ in range(min(len(self._queue), MAX_GROUP))]
+                    for member in group:
+                        member.taken = True
+                    self._commit_group(group)
         if not pending.done:  # another write of its group broke the whole group (a bug)
             raise IndexUnavailable("index write abandoned with its group")
         return pending.outcome()
+
+    @contextmanager
+    def _other_processes_out(self) -> Iterator[None]:
+        """Hold the writers' flock (SQLite file on disk) while the block runs."""
+        if self._process_lock is None:
+            yield
+            return
+        fcntl.flock(self._process_lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._process_lock, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Release the writers' lock file (the database itself is closed by its owner)."""
+        if self._process_lock is not None:
+            os.close(self._process_lock)
+            self._process_lock = None
 
     def _commit_group(self, group: list[_Pending[Any]]) -> None:
         """Run ``group``'s writes in one transaction (a savepoint each) and commit it.
