@@ -186,9 +186,15 @@ def test_oversized_find_identifier_aborts(small_node: NodeProcess) -> None:
     with pdus.RawAssociation(small_node.port) as conn:
         conn.associate()
         identifier = pdus.dataset_bytes(make_instance(rows=256, QueryRetrieveLevel="STUDY"))
-        conn.send(*pdus.message(pdus.FIND_CX, pdus.find_rq(), identifier))
-        answer = conn.read()
-        assert answer is not None and answer.kind == pdus.A_ABORT
+        try:
+            conn.send(*pdus.message(pdus.FIND_CX, pdus.find_rq(), identifier))
+            answer = conn.read()
+        # The node aborts as soon as the message passes the limit, and may have closed the
+        # connection before the rest of it was sent: then the A-ABORT can be lost to the
+        # reset that unread bytes cause (the log below says why it ended).
+        except (BrokenPipeError, ConnectionResetError):
+            answer = None
+        assert answer is None or answer.kind == pdus.A_ABORT, answer
     small_node.wait_for_log("a DIMSE message beyond 65536 bytes")
     assert echo(small_node.port)
 
