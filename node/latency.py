@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 BUSY_DELAY = 0.0001
 IDLE_DELAY = 0.001  # pynetdicom's own default
 BUSY_WINDOW = 0.05  # seconds after the last received data during which the peer counts as busy
-# The acceptor reactor's longest wait between checks when nothing wakes it (pynetdicom's tick
-# is 1 ms): a DIMSE message, a release or abort request, and the connection's end wake it
-# (ResponsiveAssociation); the tick only bounds how late it sees the network timeout, a dead
-# DUL thread or a local kill.  Each tick is a wake-up that takes the GIL: at 1 ms, four busy
+# An association reactor's longest wait between checks when nothing wakes it (pynetdicom's tick
+# is 1 ms): a DIMSE message, a release or abort request, the connection's end, a pause and a
+# kill wake it (ResponsiveAssociation); the tick only bounds how late it sees the network
+# timeout or a dead DUL thread.  Each tick is a wake-up that takes the GIL: at 1 ms, four busy
 # associations spent a fifth of the node's CPU on them.
 REACTOR_TICK = 0.05
 KILL_POLL = 0.0002  # Association.kill: first wait for the DUL to end, doubled up to the next
@@ -221,8 +221,9 @@ def make_responsive(dul: DULServiceProvider) -> None:
         dul.__class__ = ResponsiveDUL
 
 
-# What the DUL hands an acceptor's reactor during data transfer (PS3.8 9.2: A-RELEASE
-# indication, A-ABORT and A-P-ABORT indications); the reactor takes each off the queue.
+# What the DUL hands the association during data transfer (PS3.8 9.2: A-RELEASE indication,
+# A-ABORT and A-P-ABORT indications); the reactor takes each off the queue.  (A requestor's
+# own release confirmation arrives while its reactor is paused: release() paused it.)
 _NEWS = (A_RELEASE, A_ABORT, A_P_ABORT)
 
 
@@ -253,7 +254,8 @@ class _WakingEvent(threading.Event):
 
 
 class ResponsiveAssociation(Association):
-    """An acceptor whose reactor wakes when there is work for it, not on a 1 ms tick.
+    """An association (the node's acceptors, and its own client associations: node.scu.send)
+    whose reactor wakes when there is work for it, not on a 1 ms tick.
 
     pynetdicom's acceptor reactor sleeps 1 ms before every look at its queues, so each request
     waits for the tick even when it is already there (on one association, most of a millisecond
@@ -316,7 +318,6 @@ class ResponsiveAssociation(Association):
                 self.kill()
                 return
 
-
     def kill(self) -> None:
         """pynetdicom's ``Association.kill``, with the reactor woken at once, and a wait for the
         DUL thread that starts short: pynetdicom's sleeps 10 ms whenever the DUL has not yet
@@ -335,7 +336,8 @@ class ResponsiveAssociation(Association):
 
 
 def make_association_responsive(assoc: Association) -> None:
-    """Switch an acceptor (before its reactor starts) to the message-driven reactor."""
+    """Switch an association (before its reactor starts: an acceptor's at EVT_CONN_OPEN, a
+    requestor's while it connects) to the reactor that waits for work."""
     if type(assoc) is Association:
         wake = assoc.dimse.msg_queue.not_empty
         to_user = assoc.dul.to_user_queue

@@ -241,11 +241,8 @@ def transmit_many(assoc: Association, context_id: int,
     Raises ConnectionLost when the connection fails during the write.
     """
     room = _fragment_room(assoc)
-    pdus = [_pdus(command, dataset, room) for command, dataset in messages]
-    if _write(assoc, b"".join(_encoded(context_id, message) for message in pdus)):
-        return
-    for message in pdus:
-        _queue(assoc, context_id, message)
+    _transmit(assoc, context_id,
+              [pdu for command, dataset in messages for pdu in _pdus(command, dataset, room)])
 
 
 def _transmit(assoc: Association, context_id: int, pdus: list[_PDU]) -> bool:
