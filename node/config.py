@@ -24,6 +24,7 @@ from node.config_peers import Service as Service
 from node.config_peers import UnknownPeers as UnknownPeers
 from node.config_peers import parse_peers
 from node.config_values import ConfigError as ConfigError
+from node.store_sync import StoreSync
 
 DEFAULT_AE_TITLE = "DICOMNODE"
 DEFAULT_PORT = 11112
@@ -126,6 +127,7 @@ class NodeConfig:
     tls: TlsSettings | None = None
     min_free_space: int = 100 * 1000**2
     reuse_port: bool = False
+    store_sync: StoreSync = StoreSync.FILESYSTEM
     source: Path | None = None  # the file it came from, for messages
 
 
@@ -196,6 +198,8 @@ SETTINGS: dict[str, Setting] = {
                               "C-STORE answers 0xA700 while the store's disk has less free"),
     "reuse_port": Setting(check.boolean, False,
                           "several nodes on this host may listen on the same port"),
+    "store_sync": Setting(check.choice(*(s.value for s in StoreSync)), "filesystem",
+                          "new files made durable by one shared syncfs, or an fsync each"),
 }
 
 # Keys a running node takes on when it reloads its configuration (SIGHUP, node.config_reload).
@@ -302,6 +306,7 @@ def build_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         tls=values["tls"],
         min_free_space=values["min_free_space"],
         reuse_port=values["reuse_port"],
+        store_sync=StoreSync(values["store_sync"]),
         source=source,
     )
 

@@ -67,7 +67,7 @@ class Services:
 
 def open_services(config: NodeConfig) -> Services:
     """Open the store and the index (creating both if new) and wire the ingest path."""
-    store = Store(config.storage, config.min_free_space)
+    store = Store(config.storage, config.min_free_space, config.store_sync)
     try:
         store.open()
     except OSError as exc:

@@ -8,12 +8,13 @@ Layout under the storage directory::
     .lock                         every process that opens the store holds it shared; the
                                   start-up sweep needs it alone (``exclusive``)
 
-A write goes to ``tmp/``, is fsynced, renamed into place, and the folder is fsynced, so after
-``put`` returns the file survives power loss.  A fan-out folder is used only once its own entry
-is durable too: the 256 first-level folders are made (and their parent fsynced) when the store
-opens; a second-level folder met for the first time is made just before the file is written
-and its parent is fsynced on a helper thread while the file's own fsync runs, so both ride on
-one journal commit instead of two in a row.  No path is ever built from a dataset attribute.
+A write goes to ``tmp/`` and is renamed into place; after ``put`` returns the file, its folder
+entry and its fan-out folders survive power loss.  The 256 first-level folders are made (and
+their parent fsynced) when the store opens; second-level folders as instances need them.  How
+the writes become durable is node.store_sync: by default one filesystem sync shared by every
+writer of the moment (``store_sync: filesystem``), else an fsync of each file before its
+rename and of its folder after it (``store_sync: file``).  No path is ever built from a dataset
+attribute.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import fcntl
 import hashlib
 import logging
 import os
-import queue
 import re
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,14 @@ from pathlib import Path
 
 from node.errors import StorageFull
 from node.free_space import FreeSpaceGuard
+from node.store_sync import (
+    DirectorySync,
+    FilesystemSync,
+    StoreSync,
+    SyncJob,
+    fsync_dir,
+    syncfs_available,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +68,6 @@ def digest_of(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def fsync(path: Path | str, directory: bool = False) -> None:
-    """Make a file's content, or a folder's entries, durable."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path | str) -> None:
-    fsync(path, directory=True)
-
-
 def _create_folder(folder: str) -> None:
     """Create a second-level fan-out folder unless it is there (its first level too, when that
     was removed behind our back, then made durable in ``objects/`` at once)."""
@@ -85,82 +79,36 @@ def _create_folder(folder: str) -> None:
         parent = os.path.dirname(folder)
         with contextlib.suppress(FileExistsError):
             os.mkdir(parent)
-        _fsync_dir(os.path.dirname(parent))
+        fsync_dir(os.path.dirname(parent))
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
 
 
-class _SyncJob:
-    """One directory fsync run on a helper thread; ``wait`` returns when it is done."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.error: Exception | None = None
-        self._finished = threading.Lock()
-        self._finished.acquire()  # released by the helper thread
-
-    def finish(self, error: Exception | None) -> None:
-        self.error = error
-        self._finished.release()
-
-    def wait(self) -> None:
-        """Block until the directory is synced; raises the helper's error if it is not."""
-        with self._finished:
-            pass
-        if self.error is not None:
-            raise self.error
-
-    def settle(self) -> None:
-        """Wait after the write itself failed: the write's error is the one raised, this
-        job's own is logged."""
-        with self._finished:
-            pass
-        if self.error is not None:
-            log.warning("fan-out folder could not be made durable: %s", self.error)
+def _unlink_if_there(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
-class _DirectorySync:
-    """Helper threads that fsync a directory while the writer waits for its own file's fsync:
-    two waits on the disk at once instead of one after the other."""
-
-    def __init__(self, threads: int) -> None:
-        self._jobs: queue.SimpleQueue[_SyncJob | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"store-folder-sync-{n}", daemon=True)
-            for n in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, directory: str) -> _SyncJob:
-        job = _SyncJob(directory)
-        self._jobs.put(job)
-        return job
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                _fsync_dir(job.directory)
-            except OSError as exc:  # handed to the writer waiting for it, which raises it
-                job.finish(exc)
-            except Exception as exc:  # a bug: the writer fails, this thread serves on
-                log.exception("directory fsync job failed")
-                job.finish(exc)
-            else:
-                job.finish(None)
+def _holds(path: str, digest: str) -> bool:
+    """True when the file at ``path`` has the content ``digest`` names."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest() == digest
 
 
 class Store:
     """Files addressed by digest, written durably and atomically."""
 
-    def __init__(self, root: Path, min_free_space: int = 0) -> None:
+    def __init__(self, root: Path, min_free_space: int = 0,
+                 sync: StoreSync = StoreSync.FILESYSTEM) -> None:
         self.root = root
+        if sync is StoreSync.FILESYSTEM and not syncfs_available():
+            log.warning("store_sync: this system has no syncfs(2); each file is fsynced")
+            sync = StoreSync.FILE
+        self.sync = sync
+        self._group: FilesystemSync | None = None  # store_sync: filesystem, once open
         # New files are refused while the disk has less free (node.free_space); 0: never.
         self.space = FreeSpaceGuard(root, min_free_space)
         self.objects = root / "objects"
@@ -170,7 +118,7 @@ class Store:
         self._tmp = str(self.tmp)
         # Second-level fan-out folders whose entry in their parent is known durable (≤ 65,536).
         self._durable_folders: set[str] = set()
-        self._folder_sync: _DirectorySync | None = None
+        self._folder_sync: DirectorySync | None = None
         self._lock: int | None = None
 
     def open(self) -> None:
@@ -190,15 +138,21 @@ class Store:
         for prefix in _FANOUT:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self._objects, prefix))
-        _fsync_dir(self.objects)
-        if self._folder_sync is None:
-            self._folder_sync = _DirectorySync(_FOLDER_SYNC_THREADS)
+        fsync_dir(self.objects)
+        if self.sync is StoreSync.FILESYSTEM:
+            if self._group is None:
+                self._group = FilesystemSync(self.root)
+        elif self._folder_sync is None:
+            self._folder_sync = DirectorySync(_FOLDER_SYNC_THREADS)
 
     def close(self) -> None:
         """Release the shared lock (the files stay as they are)."""
         if self._folder_sync is not None:
             self._folder_sync.close()
             self._folder_sync = None
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -247,35 +201,70 @@ class Store:
         size = sum(len(p) for p in parts)
         folder = os.path.join(self._objects, digest[:2], digest[2:4])
         final = os.path.join(folder, digest)
-        temporary = os.path.join(self._tmp, f"{uuid.uuid4().hex}.part")
-        folder_synced: _SyncJob | None = None
         try:
-            if os.path.isfile(final):
-                # Rare (an unindexed file, or another process's write of the same instance):
-                # its writer may not have made its entries durable yet, so this one does.
-                self._make_durable_folder(folder)
-                _fsync_dir(folder)
-                return StoredFile(digest, size, created=False)
-            self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
-            new_folder = folder not in self._durable_folders
-            if new_folder:  # made before the file, so that one journal commit can carry both
-                _create_folder(folder)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            if self._group is not None:
+                return self._put_synced_together(parts, size, folder, final, self._group)
+            return self._put_fsynced(parts, size, folder, final)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StorageFull(f"no space left in store {self.root}") from exc
+            raise
+
+    def _put_synced_together(self, parts: Sequence[bytes], size: int, folder: str, final: str,
+                             group: FilesystemSync) -> StoredFile:
+        """``store_sync: filesystem``: rename into place, then wait for a shared syncfs.
+
+        Until that sync a crash may leave the file torn under its final name; no row points
+        to it yet (rows are committed after ``put`` returns), the start-up sweep takes it, and
+        a file found in place is trusted only once its content is checked.
+        """
+        digest = os.path.basename(final)
+        if os.path.isfile(final) and _holds(final, digest):
+            # Rare (an unindexed file, or another writer's in flight): its sync may be ahead.
+            group.wait()
+            return StoredFile(digest, size, created=False)
+        self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
+        temporary = self._write_temporary(parts, size)
+        try:
             try:
-                written = os.writev(fd, parts)
-                if written != size:  # writev may be short; finish with plain writes
-                    data = b"".join(parts)[written:]
-                    while data:
-                        data = data[os.write(fd, data) :]
-                if new_folder:
-                    folder_synced = self._sync_later(os.path.dirname(folder))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                os.rename(temporary, final)
+            except FileNotFoundError:  # a new second-level folder (or one removed meanwhile)
+                _create_folder(folder)
+                os.rename(temporary, final)
+        except OSError:
+            _unlink_if_there(temporary)
+            raise
+        try:
+            group.wait()
+        except OSError:
+            _unlink_if_there(final)
+            raise
+        return StoredFile(digest, size, created=True)
+
+    def _put_fsynced(self, parts: Sequence[bytes], size: int, folder: str,
+                     final: str) -> StoredFile:
+        """``store_sync: file``: fsync the file, rename it into place, fsync its folder."""
+        digest = os.path.basename(final)
+        if os.path.isfile(final):
+            # Rare (an unindexed file, or another process's write of the same instance):
+            # its writer may not have made its entries durable yet, so this one does.
+            self._make_durable_folder(folder)
+            fsync_dir(folder)
+            return StoredFile(digest, size, created=False)
+        self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
+        new_folder = folder not in self._durable_folders
+        if new_folder:  # made before the file, so that one journal commit can carry both
+            _create_folder(folder)
+        folder_synced = self._sync_later(os.path.dirname(folder)) if new_folder else None
+        try:
+            temporary = self._write_temporary(parts, size, fsynced=True)
+        except OSError:
             if folder_synced is not None:
-                job, folder_synced = folder_synced, None
-                job.wait()
-            if new_folder:
+                folder_synced.settle()
+            raise
+        try:
+            if folder_synced is not None:
+                folder_synced.wait()
                 self._durable_folders.add(folder)
             try:
                 os.rename(temporary, final)
@@ -283,16 +272,30 @@ class Store:
                 self._durable_folders.discard(folder)
                 self._make_durable_folder(folder)
                 os.rename(temporary, final)
-            _fsync_dir(folder)
-        except OSError as exc:
-            if folder_synced is not None:
-                folder_synced.settle()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            if exc.errno in _NO_SPACE:
-                raise StorageFull(f"no space left in store {self.root}") from exc
+            fsync_dir(folder)
+        except OSError:
+            _unlink_if_there(temporary)
             raise
         return StoredFile(digest, size, created=True)
+
+    def _write_temporary(self, parts: Sequence[bytes], size: int, fsynced: bool = False) -> str:
+        """A new file in ``tmp/`` holding ``parts``; removed again if writing it fails."""
+        temporary = os.path.join(self._tmp, f"{uuid.uuid4().hex}.part")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            written = os.writev(fd, parts)
+            if written != size:  # writev may be short; finish with plain writes
+                data = b"".join(parts)[written:]
+                while data:
+                    data = data[os.write(fd, data) :]
+            if fsynced:
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            _unlink_if_there(temporary)
+            raise
+        os.close(fd)
+        return temporary
 
     def _make_durable_folder(self, folder: str) -> None:
         """Create ``folder`` if needed and make its entry durable, here and now.
@@ -304,15 +307,15 @@ class Store:
         """
         if folder not in self._durable_folders:
             _create_folder(folder)
-            _fsync_dir(os.path.dirname(folder))
+            fsync_dir(os.path.dirname(folder))
             self._durable_folders.add(folder)
 
-    def _sync_later(self, directory: str) -> _SyncJob | None:
+    def _sync_later(self, directory: str) -> SyncJob | None:
         """fsync ``directory`` on a helper thread while the caller's own fsync runs (both are
         waits on the disk, not work for the interpreter); here and now (None) on a store
         that was not opened."""
         if self._folder_sync is None:
-            _fsync_dir(directory)
+            fsync_dir(directory)
             return None
         return self._folder_sync.submit(directory)
 
@@ -337,8 +340,8 @@ class Store:
                 target = self.quarantined / f"{name}.{suffix}"
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile: the copy counts
             os.unlink(path)
-        _fsync_dir(self.quarantined)
-        _fsync_dir(path.parent)
+        fsync_dir(self.quarantined)
+        fsync_dir(path.parent)
         return target
 
     def remove(self, digest: str) -> bool:
@@ -348,7 +351,7 @@ class Store:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def remove_unreferenced(self, digest: str, referenced: Callable[[str], bool],
@@ -380,7 +383,7 @@ class Store:
                 self.quarantine(Path(parked), name=digest)
             else:
                 os.unlink(parked)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return not keep
 
     def clear_temporary(self) -> int:

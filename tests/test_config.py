@@ -14,6 +14,7 @@ from node.config import (
     build_config,
     load_config,
 )
+from node.store_sync import StoreSync
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "node.yaml"
@@ -32,6 +33,7 @@ def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert config.storage == tmp_path / "storage"
     assert config.database.path == tmp_path / "storage" / "index.sqlite"
     assert config.duplicates is DuplicatePolicy.KEEP
+    assert config.store_sync is StoreSync.FILESYSTEM
     assert dict(config.peers) == {}
 
 
@@ -58,6 +60,10 @@ def test_peers_are_typed(tmp_path: Path) -> None:
     assert config.peers["PACS"].port == 104
 
 
+def test_store_sync_per_file(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "store_sync: file\n")).store_sync is StoreSync.FILE
+
+
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(None)
     with pytest.raises(AttributeError):
@@ -74,6 +80,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("ae_title: THIS_TITLE_IS_MUCH_TOO_LONG\n", "ae_title"),
         ("ae_title: 'BAD\\TITLE'\n", "ae_title"),
         ("duplicates: sometimes\n", "duplicates"),
+        ("store_sync: never\n", "store_sync"),
         ("database: mysql://x/y\n", "database"),
         ("max_pdu: 100\n", "max_pdu"),
         ("dimse_timeout: -1\n", "dimse_timeout"),

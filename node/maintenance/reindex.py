@@ -51,7 +51,8 @@ from node.index.maintenance import (
 from node.index.writer import IndexWriter, InstanceExists, Source
 from node.maintenance import NoProgress, Progress
 from node.maintenance.files import DicomFile, NotDicom, frame
-from node.store import Store, fsync
+from node.store import Store
+from node.store_sync import fsync
 
 log = logging.getLogger(__name__)
 
