@@ -20,6 +20,8 @@ attribute.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
+_renameat2 = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True),
+                     "renameat2", None)
 _FANOUT = [f"{n:02x}" for n in range(256)]
 # Folder fsyncs that may run beside the writers' own file fsyncs.
 _FOLDER_SYNC_THREADS = 2
@@ -82,6 +87,26 @@ def _create_folder(folder: str) -> None:
         fsync_dir(os.path.dirname(parent))
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
+
+
+def _rename_new(source: str, target: str) -> bool:
+    """Rename ``source`` to ``target`` unless ``target`` exists (False then): one atomic
+    renameat2(RENAME_NOREPLACE) where the system and filesystem have it."""
+    global _renameat2
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                      _RENAME_NOREPLACE) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            return False
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), target)
+        _renameat2 = None  # this filesystem cannot: check, then rename, from now on
+    if os.path.lexists(target):
+        return False
+    os.rename(source, target)
+    return True
 
 
 def _unlink_if_there(path: str) -> None:
@@ -219,27 +244,44 @@ class Store:
         a file found in place is trusted only once its content is checked.
         """
         digest = os.path.basename(final)
-        if os.path.isfile(final) and _holds(final, digest):
-            # Rare (an unindexed file, or another writer's in flight): its sync may be ahead.
+        try:
+            self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
+        except StorageFull:
+            if not (os.path.isfile(final) and _holds(final, digest)):
+                raise
+            created = False  # content already held needs no space
+        else:
+            created = self._place(self._write_temporary(parts, size), folder, final)
+        try:
             group.wait()
-            return StoredFile(digest, size, created=False)
-        self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
-        temporary = self._write_temporary(parts, size)
+        except OSError:
+            if created:
+                _unlink_if_there(final)
+            raise
+        return StoredFile(digest, size, created=created)
+
+    @staticmethod
+    def _place(temporary: str, folder: str, final: str) -> bool:
+        """Rename ``temporary`` to ``final``; False (and ``temporary`` removed) when the same
+        content is there already.  A file there with other bytes is a torn leftover of a crash
+        before its sync: replaced."""
         try:
             try:
-                os.rename(temporary, final)
+                if _rename_new(temporary, final):
+                    return True
             except FileNotFoundError:  # a new second-level folder (or one removed meanwhile)
                 _create_folder(folder)
-                os.rename(temporary, final)
+                if _rename_new(temporary, final):
+                    return True
+            # Rare: an unindexed file, or another writer's in flight (its sync may be ahead).
+            if _holds(final, os.path.basename(final)):
+                _unlink_if_there(temporary)
+                return False
+            os.rename(temporary, final)
+            return True
         except OSError:
             _unlink_if_there(temporary)
             raise
-        try:
-            group.wait()
-        except OSError:
-            _unlink_if_there(final)
-            raise
-        return StoredFile(digest, size, created=True)
 
     def _put_fsynced(self, parts: Sequence[bytes], size: int, folder: str,
                      final: str) -> StoredFile:
