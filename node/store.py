@@ -20,8 +20,6 @@ attribute.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -35,22 +33,19 @@ from pathlib import Path
 
 from node.errors import StorageFull
 from node.free_space import FreeSpaceGuard
+from node.linux import rename_new, syncfs_available
 from node.store_sync import (
     DirectorySync,
     FilesystemSync,
     StoreSync,
     SyncJob,
     fsync_dir,
-    syncfs_available,
 )
 
 log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-_AT_FDCWD, _RENAME_NOREPLACE = -100, 1  # <fcntl.h>, <linux/fs.h>
-_renameat2 = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True),
-                     "renameat2", None)
 _FANOUT = [f"{n:02x}" for n in range(256)]
 # Folder fsyncs that may run beside the writers' own file fsyncs.
 _FOLDER_SYNC_THREADS = 2
@@ -73,6 +68,12 @@ def digest_of(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
+def sha256_of(path: Path | str) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in chunks (bounded memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _create_folder(folder: str) -> None:
     """Create a second-level fan-out folder unless it is there (its first level too, when that
     was removed behind our back, then made durable in ``objects/`` at once)."""
@@ -89,38 +90,9 @@ def _create_folder(folder: str) -> None:
             os.mkdir(folder)
 
 
-def _rename_new(source: str, target: str) -> bool:
-    """Rename ``source`` to ``target`` unless ``target`` exists (False then): one atomic
-    renameat2(RENAME_NOREPLACE) where the system and filesystem have it."""
-    global _renameat2
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
-                      _RENAME_NOREPLACE) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
-            return False
-        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(code, os.strerror(code), target)
-        _renameat2 = None  # this filesystem cannot: check, then rename, from now on
-    if os.path.lexists(target):
-        return False
-    os.rename(source, target)
-    return True
-
-
 def _unlink_if_there(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _holds(path: str, digest: str) -> bool:
-    """True when the file at ``path`` has the content ``digest`` names."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest() == digest
 
 
 class Store:
@@ -247,7 +219,7 @@ class Store:
         try:
             self.space.claim(size)  # StorageFull below min_free_space; nothing written yet
         except StorageFull:
-            if not (os.path.isfile(final) and _holds(final, digest)):
+            if not (os.path.isfile(final) and sha256_of(final) == digest):
                 raise
             created = False  # content already held needs no space
         else:
@@ -267,14 +239,14 @@ class Store:
         before its sync: replaced."""
         try:
             try:
-                if _rename_new(temporary, final):
+                if rename_new(temporary, final):
                     return True
             except FileNotFoundError:  # a new second-level folder (or one removed meanwhile)
                 _create_folder(folder)
-                if _rename_new(temporary, final):
+                if rename_new(temporary, final):
                     return True
             # Rare: an unindexed file, or another writer's in flight (its sync may be ahead).
-            if _holds(final, os.path.basename(final)):
+            if sha256_of(final) == os.path.basename(final):
                 _unlink_if_there(temporary)
                 return False
             os.rename(temporary, final)

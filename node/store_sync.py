@@ -15,8 +15,6 @@ fsynced on a helper thread (``DirectorySync``) while the file's own fsync runs.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import queue
@@ -24,9 +22,10 @@ import threading
 from enum import StrEnum
 from pathlib import Path
 
+from node import linux
+
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 # Failed generations kept for writers still waiting on them (a sync's error goes to its group).
 _REMEMBERED_FAILURES = 1024
 
@@ -36,18 +35,6 @@ class StoreSync(StrEnum):
 
     FILESYSTEM = "filesystem"  # one syncfs(2) for every writer of the moment
     FILE = "file"  # fsync each file and its folder
-
-
-def syncfs_available() -> bool:
-    """True when this system has syncfs(2) (Linux)."""
-    return hasattr(_libc, "syncfs")
-
-
-def _syncfs(fd: int) -> None:
-    # ctypes releases the GIL for the call: the other writers go on meanwhile.
-    if _libc.syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"syncfs: {os.strerror(code)}")
 
 
 def fsync(path: Path | str, directory: bool = False) -> None:
@@ -106,7 +93,7 @@ class FilesystemSync:
         error: OSError | None = None
         self._lock.release()
         try:
-            _syncfs(self._fd)
+            linux.syncfs(self._fd)
         except OSError as exc:  # handed to every writer of this generation
             error = exc
         finally:

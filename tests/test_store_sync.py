@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from node import store_sync
+from node import linux
 from node.config import build_config
 from node.index.writer import Source
 from node.ingest import Received
+from node.linux import syncfs_available
 from node.services import open_services
 from node.store import Store
-from node.store_sync import FilesystemSync, StoreSync, syncfs_available
+from node.store_sync import FilesystemSync, StoreSync
 from tests.conftest import poll_until
 from tests.dicomdata import make_instance
 from tests.findcorpus import encoded
@@ -53,7 +54,7 @@ class FakeSyncfs:
 @pytest.fixture
 def fake_syncfs(monkeypatch: pytest.MonkeyPatch) -> FakeSyncfs:
     fake = FakeSyncfs()
-    monkeypatch.setattr(store_sync, "_syncfs", fake)
+    monkeypatch.setattr(linux, "syncfs", fake)
     return fake
 
 
@@ -120,14 +121,14 @@ def test_a_failed_sync_fails_every_writer_it_covered_and_the_next_one_succeeds(
 
 def test_a_real_syncfs_runs_once_per_put(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    real = store_sync._syncfs
+    real = linux.syncfs
     calls: list[int] = []
 
     def counting(fd: int) -> None:
         calls.append(fd)
         real(fd)
 
-    monkeypatch.setattr(store_sync, "_syncfs", counting)
+    monkeypatch.setattr(linux, "syncfs", counting)
     store = Store(tmp_path / "s")
     store.open()
     try:

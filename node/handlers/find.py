@@ -106,7 +106,8 @@ class _Query:
             request = parse_request(identifier, self.root, _combined_date_time(
                 self.assoc, self.sop_class))
             # PS3.4 C.4.1.1.4: 0xFF01 when a key's value was not used for matching.
-            pending = PENDING_WARNING if request.unmatched else PENDING
+            pending = find_response(self.message_id, self.sop_class,
+                                    PENDING_WARNING if request.unmatched else PENDING, "", True)
             for match in finder.find(request):
                 # PS3.4 C.4.1.3.1: C-CANCEL ends the query (pynetdicom files it by Message ID).
                 if self.assoc.dimse.cancel_req.pop(self.message_id, None) is not None:
@@ -148,13 +149,13 @@ class _Query:
                 return raw
         return _through_pydicom(Dataset(match), self.syntax)
 
-    def _pending(self, status: int, identifier: bytes) -> None:
-        """A pending response with its match, written now or with the next ones."""
+    def _pending(self, command: bytes, identifier: bytes) -> None:
+        """A pending response (its command set, the same for every match) with its match,
+        written now or with the next ones."""
         now = time.perf_counter()
         if not self.batch:
             self.batch_since = now
-        self.batch.append((find_response(self.message_id, self.sop_class, status, "", True),
-                           identifier))
+        self.batch.append((command, identifier))
         self.batch_bytes += len(identifier)
         if (self.written == 0 or len(self.batch) >= BATCH_RESPONSES
                 or self.batch_bytes >= BATCH_BYTES or now - self.batch_since >= BATCH_DELAY):

@@ -18,7 +18,6 @@ Anything else is ``NotDicom`` (skipped); a file that starts like DICOM but canno
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +137,3 @@ def read_dicom_file(path: Path) -> DicomFile:
             raise NotDicom("not a DICOM file")
         data = head + f.read()
     return frame(data)
-
-
-def sha256_of(path: Path) -> str:
-    """The SHA-256 hex digest of a file's bytes, read in chunks (bounded memory)."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -48,8 +48,8 @@ from node.index.maintenance import (
 from node.index.writer import Source
 from node.ingest import Ingestor, Outcome, Received
 from node.maintenance import NoProgress, Progress
-from node.maintenance.files import NotDicom, read_dicom_file, sha256_of
-from node.store import Store
+from node.maintenance.files import NotDicom, read_dicom_file
+from node.store import Store, sha256_of
 
 log = logging.getLogger(__name__)
 

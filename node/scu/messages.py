@@ -457,7 +457,6 @@ def store_response(message_id: int, sop_class: str, sop_instance: str, status: i
     return _command(*elements)
 
 
-
 def refusal(command_field: int, message_id: int, sop_class: str, status: int, comment: str,
             sop_instance: str | None = None) -> bytes:
     """A final response that refuses a request outright: status and Error Comment only (for
